@@ -1,0 +1,15 @@
+"""mtx: composing what models learn on many tasks, in JAX.
+
+Modules:
+  tree: path-aware pytree math.
+  task_vectors: task vectors, their algebra, masks and compression.
+  merging: every training-free merging method behind one registry.
+"""
+
+from mtx import merging
+from mtx import task_vectors
+from mtx import tree
+
+__version__ = "0.1.0"
+
+__all__ = ["merging", "task_vectors", "tree", "__version__"]

@@ -1,0 +1,266 @@
+"""Exact k-th largest magnitudes by selection, never by a full sort.
+
+Top-k thresholds are the expensive part of TIES, TALL, PCB, ComPEFT and
+magnitude pruning. Two exact backends compute the same value:
+
+* host (numpy), for arrays that live in host memory (numpy arrays, jax arrays
+  on a single CPU device): a strided sample brackets the answer, one counting
+  pass collects the few candidates inside the bracket, and a selection
+  (``np.partition``) among them finds the exact value. Falls back to a full
+  selection when the bracket misses (never silently approximate).
+* device (jax), for sharded arrays and accelerators: bisection over the IEEE
+  bit patterns of ``|x|`` (monotone for non-negative floats), each step one
+  fused counting reduction that XLA partitions across shards, so nothing is
+  gathered. About 31 passes for float32 (63 for float64).
+
+All functions return the *value* ``v`` of the k-th largest ``|x|`` (1-based;
+``k`` is clipped to ``[1, n]``) so that ``|x| >= v`` keeps at least ``k``
+entries, all of them when ties straddle the threshold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Per task, the sample used to bracket the answer has about this many entries.
+_SAMPLE = 1 << 18
+# Below this many entries per task, select directly among all of them.
+_DIRECT = 1 << 16
+
+
+def on_host(x) -> bool:
+  """Whether ``x`` can be viewed as numpy without a transfer or a gather."""
+  if isinstance(x, np.ndarray | np.generic):
+    return True
+  if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+    try:
+      devices = x.devices()
+    except Exception:  # pylint: disable=broad-except
+      return False
+    return len(devices) == 1 and next(iter(devices)).platform == "cpu"
+  return False
+
+
+def _host_abs(x, absolute: bool = True) -> np.ndarray:
+  a = np.asarray(x)
+  if a.dtype not in (np.float32, np.float64):
+    a = a.astype(np.float32)
+  return np.abs(a) if absolute else a
+
+
+def _kth_largest_np(a: np.ndarray, k: int) -> float:
+  """k-th largest of a 1-D array (1-based), by selection."""
+  n = a.size
+  k = min(max(int(k), 1), n)
+  return np.partition(a, n - k)[n - k]
+
+
+def global_kth_largest_host(
+    leaf: Callable[[int], np.ndarray],
+    sizes: Sequence[int],
+    k: np.ndarray,
+    absolute: bool = True,
+) -> np.ndarray:
+  """Per-task k-th largest ``|x|`` over all leaves, on the host.
+
+  Args:
+    leaf: ``leaf(i)`` returns leaf ``i`` with a leading task axis ``[T, ...]``
+      (called up to three times per leaf; recomputing it is fine).
+    sizes: the number of entries per task of each leaf.
+    k: ``[T]`` 1-based ranks.
+    absolute: select among ``|x|`` (else among the signed values).
+
+  Returns:
+    ``[T]`` thresholds (float64 numpy).
+  """
+  k = np.asarray(k, np.int64)
+  t = k.shape[0]
+  num_leaves = len(sizes)
+  samples = [[] for _ in range(t)]
+  n = int(sum(sizes))
+  if n == 0:
+    raise ValueError("cannot select a top-k over zero entries")
+  k = np.clip(k, 1, n)
+  if n <= _DIRECT:
+    a = np.concatenate(
+        [_host_abs(leaf(i), absolute).reshape(t, -1) for i in range(num_leaves)], axis=1
+    )
+    return np.array([_kth_largest_np(a[j], k[j]) for j in range(t)])
+  stride = max(1, n // _SAMPLE)
+  for i in range(num_leaves):
+    a = _host_abs(leaf(i), absolute).reshape(t, -1)
+    for j in range(t):
+      samples[j].append(a[j, ::stride])
+  lo = np.empty(t)
+  hi = np.empty(t)
+  for j in range(t):
+    s = np.sort(np.concatenate(samples[j]))[::-1]  # descending
+    m = s.size
+    pos = k[j] / n * m  # expected 0-based position of the answer in s
+    margin = 6.0 * np.sqrt(pos * (1 - pos / m) + 1.0) + 8
+    hi_i = int(np.floor(pos - margin))
+    lo_i = int(np.ceil(pos + margin))
+    hi[j] = np.inf if hi_i < 0 else s[hi_i]
+    lo[j] = -np.inf if lo_i >= m else s[lo_i]
+  del samples
+  above = np.zeros(t, np.int64)
+  cands = [[] for _ in range(t)]
+  for i in range(num_leaves):
+    a = _host_abs(leaf(i), absolute).reshape(t, -1)
+    for j in range(t):
+      aj = a[j]
+      above[j] += np.count_nonzero(aj > hi[j])
+      cands[j].append(aj[(aj >= lo[j]) & (aj <= hi[j])])
+  out = np.empty(t)
+  missed = []
+  for j in range(t):
+    c = np.concatenate(cands[j])
+    r = k[j] - above[j]  # rank of the answer among the candidates
+    if 1 <= r <= c.size:
+      out[j] = _kth_largest_np(c, r)
+    else:
+      missed.append(j)
+  for j in missed:  # the sample bracket missed: select among everything
+    allj = np.concatenate(
+        [_host_abs(leaf(i), absolute).reshape(t, -1)[j] for i in range(num_leaves)]
+    )
+    out[j] = _kth_largest_np(allj, k[j])
+  return out
+
+
+def _bits(a: jax.Array) -> jax.Array:
+  """Monotone integer keys of non-negative floats."""
+  if a.dtype == jnp.float64:
+    return jax.lax.bitcast_convert_type(a, jnp.int64)
+  return jax.lax.bitcast_convert_type(a.astype(jnp.float32), jnp.int32)
+
+
+def _from_bits(b: jax.Array) -> jax.Array:
+  if b.dtype == jnp.int64:
+    return jax.lax.bitcast_convert_type(b, jnp.float64)
+  return jax.lax.bitcast_convert_type(b, jnp.float32)
+
+
+def _wide(x: jax.Array) -> jnp.dtype:
+  return jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+
+
+def _signed_bits(a: jax.Array) -> jax.Array:
+  """Monotone integer keys of any (non-NaN) floats."""
+  b = _bits(a)
+  flip = jnp.asarray(np.iinfo(b.dtype).max, b.dtype)
+  return jnp.where(b < 0, b ^ flip, b)
+
+
+def _from_signed_bits(k: jax.Array) -> jax.Array:
+  flip = jnp.asarray(np.iinfo(k.dtype).max, k.dtype)
+  return _from_bits(jnp.where(k < 0, k ^ flip, k))
+
+
+@functools.partial(jax.jit, static_argnames="absolute")
+def global_kth_largest_device(
+    leaves: Sequence[jax.Array], k: jax.Array, absolute: bool = True
+) -> jax.Array:
+  """Per-task k-th largest ``|x|`` over leaves ``[T, ...]``, by bisection.
+
+  Jittable, and works on sharded leaves: each step is a counting reduction.
+  Returns ``[T]`` thresholds in the leaves' accumulation dtype.
+  """
+  dt = jnp.result_type(*[_wide(x) for x in leaves])
+  prep = (lambda v: jnp.abs(v)) if absolute else (lambda v: v)
+  keys = [
+      _signed_bits(prep(x.astype(dt))).reshape(x.shape[0], -1)
+      for x in leaves
+  ]
+  t = keys[0].shape[0]
+  n = sum(x.shape[1] for x in keys)
+  itype = keys[0].dtype
+  k = jnp.clip(jnp.asarray(k).astype(itype), 1, n)
+  top = _signed_bits(jnp.asarray(jnp.inf, dt)) + 1
+  bottom = _signed_bits(jnp.asarray(-jnp.inf, dt))
+
+  def count(v):  # [T] -> [T]: how many keys >= v, per task
+    return sum(
+        jnp.sum(x >= v[:, None], axis=1, dtype=itype) for x in keys
+    )
+
+  def cond(state):
+    lo, hi = state
+    return jnp.any(hi - lo > 1)
+
+  def body(state):
+    lo, hi = state
+    mid = lo + (hi - lo) // 2
+    ok = count(mid) >= k
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+  lo = jnp.full((t,), bottom, itype)
+  hi = jnp.full((t,), top, itype)
+  lo, _ = jax.lax.while_loop(cond, body, (lo, hi))
+  return _from_signed_bits(lo)
+
+
+def global_kth_largest(
+    leaf: Callable[[int], jax.Array],
+    sizes: Sequence[int],
+    k: np.ndarray,
+    host: bool,
+    absolute: bool = True,
+) -> np.ndarray | jax.Array:
+  """Dispatches to the host or device backend (see module docstring)."""
+  if host:
+    return global_kth_largest_host(leaf, sizes, k, absolute)
+  return global_kth_largest_device(
+      [leaf(i) for i in range(len(sizes))], jnp.asarray(k), absolute
+  )
+
+
+# ----------------------------------------------------------------------------
+# Per-row thresholds along the last axis.
+
+
+def row_kth_largest_host(x, ks: Sequence[int]) -> np.ndarray:
+  """``[..., len(ks)]``: for each row (last axis) the ``ks``-th largest |x|."""
+  a = _host_abs(x)
+  n = a.shape[-1]
+  ks = [min(max(int(k), 1), n) for k in ks]
+  idx = sorted({n - k for k in ks})
+  part = np.partition(a, idx, axis=-1)
+  return np.stack([part[..., n - k] for k in ks], axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames="ks")
+def row_kth_largest_device(x: jax.Array, ks: tuple[int, ...]) -> jax.Array:
+  """Device version of :func:`row_kth_largest_host` (bisection per row)."""
+  dt = _wide(x)
+  keys = _bits(jnp.abs(x.astype(dt)))
+  n = x.shape[-1]
+  itype = keys.dtype
+  top = _bits(jnp.asarray(jnp.inf, dt)) + 1
+  outs = []
+  for k in ks:
+    k = min(max(int(k), 1), n)
+
+    def body(_, state, k=k):
+      lo, hi = state
+      mid = lo + (hi - lo) // 2
+      ok = jnp.sum(keys >= mid[..., None], axis=-1, dtype=itype) >= k
+      return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo = jnp.zeros(x.shape[:-1], itype)
+    hi = jnp.full(x.shape[:-1], top, itype)
+    nbits = 64 if itype == jnp.int64 else 32
+    lo, _ = jax.lax.fori_loop(0, nbits, body, (lo, hi))
+    outs.append(_from_bits(lo))
+  return jnp.stack(outs, axis=-1)
+
+
+def row_kth_largest(x, ks: Sequence[int]):
+  if on_host(x):
+    return row_kth_largest_host(x, ks)
+  return row_kth_largest_device(x, tuple(int(k) for k in ks))

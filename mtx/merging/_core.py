@@ -1,0 +1,579 @@
+"""The merging machinery shared by every method.
+
+A method is a :class:`Merger`: structural hyperparameters are bound when it is
+built (``get("ties", density=0.2)``); continuous coefficients (``scale`` and
+the method's own, e.g. SLERP's ``t``) are traced call arguments, so one
+compiled program serves a sweep under ``jax.vmap`` and ``jax.grad`` reaches
+them.
+
+A method is written as two pure pieces:
+
+* ``prepare(static, source, key)`` (optional): global statistics that need
+  every leaf at once (TIES/TALL/PCB/ComPEFT thresholds, the TIES majority
+  sign). It reads the task vectors leaf by leaf from a :class:`Source`, so the
+  memory it needs is one leaf's ``[T, ...]`` task vectors at a time; on host
+  arrays it uses numpy selection, on sharded arrays jitted reductions.
+* ``leaf(static, tv, ctx)``: the merged task vector of one leaf from its
+  stacked task vectors ``tv`` (``[T, ...]``, float32 or float64) and the
+  context ``ctx`` (statistics, coefficients, per-leaf key, pretrained leaf).
+
+:func:`merge` runs ``leaf`` fused with the task-vector subtraction and the
+final ``pretrained + merged`` in one jitted kernel per leaf, so peak memory
+stays at the inputs plus the output plus one leaf's temporaries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+import dataclasses
+import functools
+import inspect
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtx import _select
+from mtx import tree as mtree
+
+PyTree = Any
+
+
+class Stats(NamedTuple):
+  """What ``prepare`` found: global values and one entry per leaf."""
+
+  glob: PyTree = None
+  leaf: tuple[PyTree, ...] | None = None
+
+
+class Ctx(NamedTuple):
+  """Everything a method's ``leaf`` function may read besides ``tv``.
+
+  Attributes:
+    glob: ``Stats.glob``.
+    stats: this leaf's entry of ``Stats.leaf`` (or None).
+    scale: the scale of this leaf: a scalar or a ``[T]`` vector.
+    coeffs: dict of the method's continuous coefficients (traced).
+    key: this leaf's PRNG key (``fold_in(key, leaf index)``), or None.
+    pre: the pretrained leaf (methods that need it), or None.
+    data: this leaf's share of the method's data (Fisher, Gram matrices).
+    path: the leaf's path, for messages (None inside ``merge``'s kernels).
+  """
+
+  glob: PyTree
+  stats: PyTree
+  scale: jax.Array
+  coeffs: Mapping[str, jax.Array]
+  key: jax.Array | None
+  pre: jax.Array | None
+  data: PyTree
+  path: str
+
+
+def acc_dtype() -> jnp.dtype:
+  return mtree.accum_dtype()
+
+
+def scale_tasks(scale: jax.Array, tv: jax.Array) -> jax.Array:
+  """Multiplies ``tv[t]`` by ``scale[t]`` (or by a scalar ``scale``)."""
+  scale = jnp.asarray(scale, tv.dtype)
+  if scale.ndim == 0:
+    return scale * tv
+  return scale.reshape((-1,) + (1,) * (tv.ndim - 1)) * tv
+
+
+def scalar_scale(ctx: Ctx, name: str) -> jax.Array:
+  """The leaf's scale, which this method requires to be a scalar."""
+  s = jnp.asarray(ctx.scale)
+  if s.ndim != 0:
+    raise ValueError(
+        f"{name} takes a scalar scale per leaf, got shape {s.shape}"
+    )
+  return s
+
+
+# ----------------------------------------------------------------------------
+# Sources of task vectors.
+
+
+class Source:
+  """Stacked task vectors ``[T, ...]`` of the selected leaves, one at a time.
+
+  Built either from a pretrained model and ``T`` fine-tuned models (each leaf's
+  task vectors computed on demand, never all at once) or from an already
+  stacked task-vector tree. ``transform(i, tv)`` (e.g. DARE's random drop) is
+  applied to every leaf it yields.
+  """
+
+  def __init__(
+      self,
+      paths: Sequence[str],
+      indices: Sequence[int],
+      shapes: Sequence[tuple[int, ...]],
+      num_tasks: int,
+      raw: Callable[[int], tuple[Any, Any]],
+      host: bool,
+      transform: Callable[[int, jax.Array], jax.Array] | None = None,
+  ):
+    self.paths = list(paths)
+    self.indices = list(indices)  # position of each leaf in the full tree
+    self.shapes = [tuple(s) for s in shapes]
+    self.num_tasks = num_tasks
+    self.raw = raw  # i -> (pre leaf or None, fts: tuple of arrays | [T,...])
+    self.host = host
+    self.transform = transform
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  @property
+  def sizes(self) -> list[int]:
+    return [int(np.prod(s)) for s in self.shapes]
+
+  def leaf(self, i: int) -> jax.Array:
+    """Leaf ``i``'s stacked task vectors in the accumulation dtype."""
+    pre, fts = self.raw(i)
+    tv = _tau_jit(pre, fts)
+    if self.transform is not None:
+      tv = self.transform(i, tv)
+    return tv
+
+  def with_transform(
+      self, fn: Callable[[int, jax.Array], jax.Array]
+  ) -> Source:
+    prev = self.transform
+
+    def composed(i, tv):
+      return fn(i, tv if prev is None else prev(i, tv))
+
+    return Source(
+        self.paths, self.indices, self.shapes, self.num_tasks, self.raw,
+        self.host, composed,
+    )
+
+  def global_kth_largest(self, k, absolute: bool = True):
+    """Per-task k-th largest ``|τ|`` (or ``τ``) over all leaves."""
+    return _select.global_kth_largest(
+        self.leaf, self.sizes, np.asarray(k), self.host, absolute
+    )
+
+  def leaf_kth_largest(self, i: int, k, absolute: bool = True):
+    """Per-task k-th largest ``|τ|`` (or ``τ``) within leaf ``i``."""
+    return _select.global_kth_largest(
+        lambda _: self.leaf(i), [self.sizes[i]], np.asarray(k), self.host,
+        absolute,
+    )
+
+
+def _tau(pre, fts) -> jax.Array:
+  acc = acc_dtype()
+  if isinstance(fts, tuple | list):
+    tv = jnp.stack([jnp.asarray(f).astype(acc) for f in fts])
+  else:
+    tv = jnp.asarray(fts).astype(acc)
+  if pre is not None:
+    tv = tv - jnp.asarray(pre).astype(acc)[None]
+  return tv
+
+
+_tau_jit = jax.jit(_tau)
+
+
+def source_from_stacked(task_vectors: PyTree) -> Source:
+  """A :class:`Source` over every leaf of a stacked task-vector tree."""
+  paths, leaves, _ = mtree.flatten(task_vectors)
+  if not leaves:
+    raise ValueError("the task-vector tree has no leaves")
+  t = _num_tasks_stacked(paths, leaves)
+  host = all(_select.on_host(x) for x in leaves)
+  return Source(
+      paths, range(len(leaves)), [np.shape(x)[1:] for x in leaves], t,
+      lambda i: (None, leaves[i]), host,
+  )
+
+
+def _num_tasks_stacked(paths, leaves) -> int:
+  t = None
+  for p, x in zip(paths, leaves):
+    if np.ndim(x) == 0:
+      raise ValueError(
+          f"stacked task vectors need a leading task axis; leaf {p!r} is a "
+          "scalar"
+      )
+    if t is None:
+      t = np.shape(x)[0]
+    elif np.shape(x)[0] != t:
+      raise ValueError(
+          f"leaf {p!r} has {np.shape(x)[0]} tasks on its leading axis, "
+          f"expected {t}"
+      )
+  return t
+
+
+# ----------------------------------------------------------------------------
+# Mergers.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Merger:
+  """A merging method with its structural hyperparameters bound.
+
+  Call it on stacked task vectors (every leaf ``[T, ...]``) to get one merged
+  task vector; use :func:`mtx.merging.merge` to merge models directly.
+
+  Attributes:
+    name: the registry name.
+    static: hashable structural hyperparameters, passed to ``leaf``/``prepare``.
+    coeffs: default continuous coefficients (overridable per call, traced).
+    leaf_fn: ``leaf_fn(static, tv, ctx) -> merged leaf``.
+    prepare_fn: ``prepare_fn(static, source, key) -> Stats`` or None.
+    data: arrays the method needs per leaf (Fisher, Gram matrices): a tuple of
+      ``(name, list of T trees)``; looked up by leaf path.
+    needs_key: the method is random (``key`` is required).
+    needs_pretrained: ``leaf_fn`` reads ``ctx.pre``.
+    per_task_scale: ``scale`` may be a ``[T]`` vector (per-task weights).
+    min_tasks: the fewest task vectors the method accepts.
+    max_tasks: the most it accepts (None: no limit).
+  """
+
+  name: str
+  static: Any
+  coeffs: Mapping[str, float]
+  leaf_fn: Callable[..., jax.Array]
+  prepare_fn: Callable[..., Stats] | None = None
+  data: tuple[tuple[str, Any], ...] = ()
+  needs_key: bool = False
+  needs_pretrained: bool = False
+  per_task_scale: bool = False
+  min_tasks: int = 1
+  max_tasks: int | None = None
+
+  def _identity(self):
+    return (self.name, self.static, self.leaf_fn, self.prepare_fn)
+
+  def __eq__(self, other):
+    # Equal structure means the same compiled kernels; ``data`` and
+    # ``coeffs`` are traced arguments and do not take part.
+    return isinstance(other, Merger) and self._identity() == other._identity()
+
+  def __hash__(self):
+    return hash(self._identity())
+
+  # -- public API ------------------------------------------------------------
+
+  def prepare(self, task_vectors: PyTree, *, key: jax.Array | None = None):
+    """Global statistics of stacked task vectors (concrete arrays).
+
+    Compute them once and pass them to :meth:`combine` to sweep coefficients
+    under ``jax.jit``/``jax.vmap`` without recomputing thresholds.
+    """
+    self._check_key(key)
+    src = source_from_stacked(task_vectors)
+    self._check_num_tasks(src.num_tasks)
+    return self._prepare(src, key)
+
+  def combine(
+      self,
+      task_vectors: PyTree,
+      stats: Stats | None = None,
+      *,
+      scale: Any = 1.0,
+      key: jax.Array | None = None,
+      pretrained: PyTree | None = None,
+      **coeffs: Any,
+  ) -> PyTree:
+    """Merges stacked task vectors into one task vector (pure, jittable).
+
+    Args:
+      task_vectors: a tree whose leaves are ``[T, ...]``.
+      stats: from :meth:`prepare`; computed here when None (then the inputs
+        must be concrete).
+      scale: scalar, ``[T]`` (methods with per-task weights) or a prefix tree
+        of those over ``task_vectors``.
+      key: PRNG key for random methods.
+      pretrained: the pretrained params (methods that need them, e.g. SLERP).
+      **coeffs: overrides of the method's continuous coefficients.
+
+    Returns:
+      The merged task vector, leaves ``[...]`` in the input dtype.
+    """
+    self._check_key(key)
+    coeffs = self._coeffs(coeffs)
+    paths, leaves, treedef = mtree.flatten(task_vectors)
+    t = _num_tasks_stacked(paths, leaves)
+    self._check_num_tasks(t)
+    if stats is None:
+      stats = self._prepare(source_from_stacked(task_vectors), key)
+    scales = _broadcast_scale(scale, task_vectors, self, t)
+    pre_leaves = self._pretrained_leaves(pretrained, paths)
+    out = []
+    for i, (p, x) in enumerate(zip(paths, leaves)):
+      ctx = Ctx(
+          glob=stats.glob,
+          stats=None if stats.leaf is None else stats.leaf[i],
+          scale=scales[i],
+          coeffs=coeffs,
+          key=None if key is None else jax.random.fold_in(key, i),
+          pre=None if pre_leaves is None else pre_leaves[i],
+          data=self._leaf_data(p),
+          path=p,
+      )
+      y = self.leaf_fn(self.static, jnp.asarray(x).astype(acc_dtype()), ctx)
+      out.append(y.astype(x.dtype))
+    return mtree.unflatten(treedef, out)
+
+  __call__ = combine
+
+  # -- internals ---------------------------------------------------------------
+
+  def _prepare(self, src: Source, key) -> Stats:
+    if self.prepare_fn is None:
+      return Stats()
+    return self.prepare_fn(self.static, src, key)
+
+  def _coeffs(self, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(overrides) - set(self.coeffs))
+    if unknown:
+      raise ValueError(
+          f"unknown coefficient(s) {unknown} for method {self.name!r}; it "
+          f"takes {sorted(self.coeffs) or 'none'} besides scale"
+      )
+    return {**self.coeffs, **overrides}
+
+  def _check_key(self, key) -> None:
+    if self.needs_key and key is None:
+      raise ValueError(
+          f"method {self.name!r} is random: pass key=jax.random.key(...)"
+      )
+
+  def _check_num_tasks(self, t: int) -> None:
+    if t < self.min_tasks:
+      raise ValueError(
+          f"method {self.name!r} needs at least {self.min_tasks} fine-tuned "
+          f"model(s), got {t}"
+      )
+    if self.max_tasks is not None and t > self.max_tasks:
+      raise ValueError(
+          f"method {self.name!r} merges at most {self.max_tasks} models, "
+          f"got {t}"
+      )
+
+  def _pretrained_leaves(self, pretrained, paths):
+    if not self.needs_pretrained:
+      return None
+    if pretrained is None:
+      raise ValueError(f"method {self.name!r} needs pretrained=...")
+    ppaths, pleaves, _ = mtree.flatten(pretrained)
+    lookup = dict(zip(ppaths, pleaves))
+    missing = [p for p in paths if p not in lookup]
+    if missing:
+      raise ValueError(f"pretrained is missing leaf {missing[0]!r}")
+    return [lookup[p] for p in paths]
+
+  def _leaf_data(self, path: str) -> dict[str, Any] | None:
+    if not self.data:
+      return None
+    out = {}
+    for name, per_task in self.data:
+      vals = [d.get(path) for d in per_task]
+      if all(v is None for v in vals):
+        out[name] = None
+      elif any(v is None for v in vals):
+        raise ValueError(f"{name} is given for {path!r} in some tasks only")
+      else:
+        out[name] = jnp.stack([jnp.asarray(v) for v in vals])
+    return out
+
+
+def _broadcast_scale(scale, like: PyTree, merger: Merger, t: int) -> list:
+  """Per-leaf scales from a scalar, a ``[T]`` vector or a prefix tree."""
+  try:
+    full = jax.tree.broadcast(scale, like)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        f"scale must be a scalar, a [T] vector or a prefix tree of the "
+        f"params: {e}"
+    ) from None
+  paths, leaves, _ = mtree.flatten(full)
+  for p, s in zip(paths, leaves):
+    shape = np.shape(s)
+    if shape not in ((), (t,)):
+      raise ValueError(
+          f"scale for {p!r} has shape {shape}; expected () or ({t},)"
+      )
+    if shape == (t,) and not merger.per_task_scale:
+      raise ValueError(
+          f"method {merger.name!r} takes a scalar scale; got a per-task "
+          f"vector for {p!r}"
+      )
+  return leaves
+
+
+# ----------------------------------------------------------------------------
+# merge(): models in, model out.
+
+
+def _is_float(x) -> bool:
+  return jnp.issubdtype(jnp.asarray(x).dtype if not hasattr(x, "dtype")
+                        else x.dtype, jnp.inexact)
+
+
+def _finite_leaf(x) -> bool:
+  if _select.on_host(x):
+    a = np.asarray(x)
+    if np.isfinite(np.sum(a, dtype=np.float64)):
+      return True
+    return bool(np.isfinite(a).all())
+  return bool(_all_finite(x))
+
+
+@jax.jit
+def _all_finite(x):
+  return jnp.all(jnp.isfinite(x))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _merge_leaf(leaf_fn, static, pre, fts, ctx):
+  tv = _tau(pre, fts)
+  merged = leaf_fn(static, tv, ctx._replace(pre=pre))
+  return (pre.astype(merged.dtype) + merged).astype(pre.dtype)
+
+
+def merge_models(
+    merger: Merger,
+    pretrained: PyTree,
+    finetuned: Sequence[PyTree],
+    *,
+    scale: Any = 1.0,
+    key: jax.Array | None = None,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    check_finite: bool = True,
+    **coeffs: Any,
+) -> PyTree:
+  """See :func:`mtx.merging.merge`."""
+  if isinstance(finetuned, Mapping) or not isinstance(
+      finetuned, Sequence
+  ):
+    raise ValueError(
+        "finetuned must be a list of fine-tuned param trees, got "
+        f"{type(finetuned).__name__}"
+    )
+  finetuned = list(finetuned)
+  if not finetuned:
+    raise ValueError("no fine-tuned models to merge")
+  merger._check_key(key)
+  merger._check_num_tasks(len(finetuned))
+  coeffs = merger._coeffs(coeffs)
+  for i, ft in enumerate(finetuned):
+    mtree.assert_same_structure(
+        pretrained, ft, names=("pretrained", f"finetuned[{i}]")
+    )
+  paths, pre_leaves, treedef = mtree.flatten(pretrained)
+  ft_leaves = [mtree.flatten(ft)[1] for ft in finetuned]
+  selected = jax.tree.leaves(mtree.select(pretrained, include, exclude))
+  idx = [i for i, s in enumerate(selected) if s]
+  if not idx:
+    raise ValueError(
+        f"include={include!r} / exclude={exclude!r} select no leaf"
+    )
+  for i in idx:
+    if not _is_float(pre_leaves[i]):
+      raise ValueError(
+          f"leaf {paths[i]!r} has dtype {jnp.asarray(pre_leaves[i]).dtype}; "
+          "integer leaves cannot be differenced; leave it out with exclude="
+      )
+  if check_finite:
+    for i in idx:
+      for name, x in [("pretrained", pre_leaves[i])] + [
+          (f"finetuned[{j}]", f[i]) for j, f in enumerate(ft_leaves)
+      ]:
+        if not _finite_leaf(x):
+          raise ValueError(
+              f"{name} has NaN or Inf at {paths[i]!r} (pass "
+              "check_finite=False to skip this check)"
+          )
+  scales = _broadcast_scale(scale, pretrained, merger, len(finetuned))
+  data_paths = [paths[i] for i in idx]
+  for name, per_task in merger.data:
+    if len(per_task) != len(finetuned):
+      raise ValueError(
+          f"{name}: got {len(per_task)} trees for {len(finetuned)} models"
+      )
+    for d in per_task:
+      unknown = sorted(set(d) - set(data_paths))
+      if unknown:
+        raise ValueError(
+            f"{name} names leaf {unknown[0]!r}, which is not a merged leaf"
+        )
+  host = all(
+      _select.on_host(pre_leaves[i]) and all(_select.on_host(f[i]) for f in
+                                             ft_leaves)
+      for i in idx
+  )
+  src = Source(
+      data_paths,
+      idx,
+      [np.shape(pre_leaves[i]) for i in idx],
+      len(finetuned),
+      lambda j: (pre_leaves[idx[j]], tuple(f[idx[j]] for f in ft_leaves)),
+      host,
+  )
+  stats = merger._prepare(src, key)
+  out = list(pre_leaves)
+  for j, i in enumerate(idx):
+    ctx = Ctx(
+        glob=stats.glob,
+        stats=None if stats.leaf is None else stats.leaf[j],
+        scale=scales[i],
+        coeffs=coeffs,
+        key=None if key is None else jax.random.fold_in(key, j),
+        pre=None,
+        data=merger._leaf_data(paths[i]),
+        path=None,  # static strings stay out of the jitted kernel
+    )
+    out[i] = _merge_leaf(
+        merger.leaf_fn, merger.static, pre_leaves[i],
+        tuple(f[i] for f in ft_leaves), ctx,
+    )
+  return mtree.unflatten(treedef, out)
+
+
+# ----------------------------------------------------------------------------
+# Factories.
+
+
+def check_fraction(name: str, value: float, *, allow_zero: bool = False):
+  """Raises ``ValueError`` unless ``value`` is in (0, 1] (or [0, 1])."""
+  try:
+    v = float(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name} must be a number, got {value!r}") from None
+  lo_ok = v >= 0 if allow_zero else v > 0
+  if not (lo_ok and v <= 1) or np.isnan(v):
+    rng = "[0, 1]" if allow_zero else "(0, 1]"
+    raise ValueError(f"{name} must be in {rng}, got {value!r}")
+  return v
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]):
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+  return value
+
+
+def call_factory(name: str, factory: Callable[..., Merger], hparams) -> Merger:
+  """Calls ``factory(**hparams)``, turning unknown names into ValueError."""
+  sig = inspect.signature(factory)
+  accepts_var = any(
+      p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()
+  )
+  if not accepts_var:
+    unknown = sorted(set(hparams) - set(sig.parameters))
+    if unknown:
+      raise ValueError(
+          f"unknown hyperparameter(s) {unknown} for method {name!r}; it "
+          f"takes {sorted(sig.parameters)}"
+      )
+  return factory(**hparams)

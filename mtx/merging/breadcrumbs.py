@@ -1,0 +1,94 @@
+"""Model Breadcrumbs: drop the outliers and the small entries, row by row.
+
+Reference:
+  Davari & Belilovsky, "Model Breadcrumbs: Scaling Multi-Task Model Merging
+  with Sparse Masks", ECCV 2024. https://arxiv.org/abs/2312.06795
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from mtx import _select
+from mtx.merging import _core
+
+
+def row_counts(n: int, density: float, top_remove: float) -> tuple[int, int]:
+  """``(removed, kept)`` per row of ``n``: ``int(n·top_remove)``, ``int(n·density)``."""
+  return int(n * top_remove), int(n * density)
+
+
+def mask(tv: jnp.ndarray, thr: jnp.ndarray) -> jnp.ndarray:
+  """Keeps ``thr[..., 1] <= |τ| < thr[..., 0]`` per row (``thr`` from the
+  row thresholds; ``+inf`` upper bound when nothing is removed)."""
+  a = jnp.abs(tv)
+  return (a >= thr[..., 1:2]) & (a < thr[..., 0:1])
+
+
+def _row_thresholds(x, n: int, removed: int, kept: int):
+  """``[..., 2]``: the removal bound and the keep bound of each row."""
+  hi_rank, lo_rank = max(removed, 1), removed + kept
+  ks = (hi_rank, max(lo_rank, 1))
+  thr = np.asarray(_select.row_kth_largest(x, ks)) if _select.on_host(x) else (
+      _select.row_kth_largest(x, ks))
+  thr = jnp.asarray(thr, x.dtype)
+  hi = thr[..., 0] if removed > 0 else jnp.full(thr.shape[:-1], jnp.inf, x.dtype)
+  if lo_rank > n or kept == 0:
+    lo = jnp.full(thr.shape[:-1], jnp.inf, x.dtype)  # keeps nothing
+  else:
+    lo = thr[..., 1]
+  return jnp.stack([hi, lo], axis=-1)
+
+
+def _prepare(static, src: _core.Source, key=None):
+  del key
+  density, top_remove = static
+  per_leaf = []
+  for i, shape in enumerate(src.shapes):
+    if len(shape) == 0:
+      per_leaf.append(None)
+      continue
+    n = shape[-1]
+    removed, kept = row_counts(n, density, top_remove)
+    per_leaf.append(_row_thresholds(src.leaf(i), n, removed, kept))
+  return _core.Stats(None, tuple(per_leaf))
+
+
+def _leaf(static, tv, ctx):
+  del static
+  if ctx.stats is not None:
+    tv = jnp.where(mask(tv, ctx.stats), tv, 0)
+  return jnp.sum(_core.scale_tasks(ctx.scale, tv), axis=0)
+
+
+def breadcrumbs(density: float = 0.1, top_remove: float = 0.01) -> _core.Merger:
+  """Breadcrumbs: ``θ0 + scale · Σt mask_t ⊙ τt``.
+
+  Per task, per row along the last axis (a 1-D tensor is one row; scalars are
+  kept whole), drop the ``int(n·top_remove)`` largest ``|τ|`` and keep the next
+  ``int(n·density)`` (the authors' per-row rule; MergeKit masks whole
+  tensors). Entries tied with a row threshold are treated alike (the authors'
+  ``topk`` breaks ties arbitrarily).
+
+  Args:
+    density: fraction of each row kept (the paper's β), in (0, 1].
+    top_remove: fraction of each row removed from the top (γ), in [0, 1).
+
+  ``scale`` (α) may be a scalar or a ``[T]`` vector.
+
+  >>> import jax.numpy as jnp, mtx
+  >>> pre = {"w": jnp.zeros((1, 10))}
+  >>> fts = [{"w": jnp.arange(1.0, 11.0)[None]}]
+  >>> mtx.merging.merge(pre, fts, "breadcrumbs", density=0.3,
+  ...                   top_remove=0.1)["w"].tolist()
+  [[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 7.0, 8.0, 9.0, 0.0]]
+  """
+  density = _core.check_fraction("density", density)
+  top_remove = _core.check_fraction("top_remove", top_remove, allow_zero=True)
+  if top_remove >= 1.0:
+    raise ValueError(f"top_remove must be < 1, got {top_remove}")
+  return _core.Merger(
+      "breadcrumbs", (density, top_remove), {}, _leaf, _prepare,
+      per_task_scale=True,
+  )

@@ -1,0 +1,130 @@
+"""Merges weighted by data statistics: Fisher merging and RegMean.
+
+The statistics (diagonal Fisher, per-layer Gram matrices of the inputs) are
+computed from data elsewhere (``mtx.learned``); here they are given.
+
+References:
+  Matena & Raffel, "Merging Models with Fisher-Weighted Averaging",
+  NeurIPS 2022. https://arxiv.org/abs/2111.09832
+  Jin et al., "Dataless Knowledge Fusion by Merging Weights of Language
+  Models" (RegMean), ICLR 2023. https://arxiv.org/abs/2212.09849
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mtx import tree as mtree
+from mtx.merging import _core
+
+
+def _by_path(name: str, trees: Sequence[Any]) -> list[dict[str, Any]]:
+  if isinstance(trees, Mapping) or not isinstance(trees, Sequence):
+    raise ValueError(f"{name} must be a list with one entry per model")
+  out = []
+  for t in trees:  # a params-shaped tree, or a flat {path: array} dict
+    paths, leaves, _ = mtree.flatten(t)
+    out.append(dict(zip(paths, leaves)))
+  if len({frozenset(d) for d in out}) > 1:
+    raise ValueError(f"the {name} of different models cover different leaves")
+  return out
+
+
+def _fisher_leaf(static, tv, ctx):
+  (eps,) = static
+  w = ctx.coeffs["weights"]
+  w = jnp.ones((tv.shape[0],), tv.dtype) if w is None else jnp.asarray(
+      w, tv.dtype)
+  f = None if ctx.data is None else ctx.data["fishers"]
+  wc = w.reshape((-1,) + (1,) * (tv.ndim - 1))
+  if f is None:
+    out = jnp.sum(wc * tv, axis=0) / jnp.sum(w)
+  else:
+    f = wc * (f.astype(tv.dtype) + eps)
+    out = jnp.sum(f * tv, axis=0) / jnp.sum(f, axis=0)
+  return _core.scalar_scale(ctx, "fisher") * out
+
+
+def fisher(
+    fishers: Sequence[Any],
+    *,
+    weights: Sequence[float] | None = None,
+    eps: float = 1e-6,
+) -> _core.Merger:
+  """Fisher merging: ``θ = Σi wi (Fi + ε) θi / Σi wi (Fi + ε)``, per entry.
+
+  Args:
+    fishers: one diagonal-Fisher tree per fine-tuned model (the params'
+      structure, or a ``{path: array}`` dict covering some leaves). Leaves
+      without a Fisher are (weighted) averaged.
+    weights: ``[T]`` model weights (traced coefficient); None = uniform.
+    eps: added to every Fisher entry (the reference's floor).
+
+  >>> import jax.numpy as jnp, mtx
+  >>> pre = {"w": jnp.zeros(2)}
+  >>> fts = [{"w": jnp.array([1.0, 1.0])}, {"w": jnp.array([3.0, 3.0])}]
+  >>> fis = [{"w": jnp.array([1.0, 0.0])}, {"w": jnp.array([0.0, 1.0])}]
+  >>> [round(v, 3) for v in mtx.merging.merge(pre, fts, "fisher",
+  ...                                          fishers=fis)["w"].tolist()]
+  [1.0, 3.0]
+  """
+  data = _by_path("fishers", fishers)
+  return _core.Merger(
+      "fisher", (float(eps),),
+      {"weights": None if weights is None else jnp.asarray(weights)},
+      _fisher_leaf, data=(("fishers", data),),
+  )
+
+
+def _regmean_leaf(static, tv, ctx):
+  (layout,) = static
+  g = None if ctx.data is None else ctx.data["grams"]
+  if g is None or tv.ndim != 3:
+    return _core.scalar_scale(ctx, "regmean") * jnp.mean(tv, axis=0)
+  alpha = jnp.asarray(ctx.coeffs["alpha"], tv.dtype)
+  g = g.astype(tv.dtype)
+  diag = jnp.eye(g.shape[-1], dtype=tv.dtype)
+  g = alpha * g + (1 - alpha) * g * diag  # off-diagonals scaled by α
+  w = tv if layout == "in_out" else jnp.swapaxes(tv, 1, 2)
+  rhs = jnp.einsum("tij,tjk->ik", g, w)
+  out = jnp.linalg.solve(jnp.sum(g, axis=0), rhs)
+  if layout == "out_in":
+    out = out.T
+  return _core.scalar_scale(ctx, "regmean") * out
+
+
+def regmean(
+    grams: Sequence[Mapping[str, jax.Array]],
+    *,
+    alpha: float = 0.95,
+    layout: str = "in_out",
+) -> _core.Merger:
+  """RegMean: ``W* = (Σi G̃i)⁻¹ Σi G̃i Wi`` for each linear layer.
+
+  ``Gi = XiᵀXi / N`` is the Gram matrix of layer ``i``'s inputs under model
+  ``i``; ``G̃i`` scales its off-diagonal entries by ``alpha``. Leaves without
+  a Gram matrix are averaged.
+
+  Args:
+    grams: per model, ``{kernel path: [d_in, d_in] Gram}`` (same paths for
+      every model).
+    alpha: off-diagonal scaling (traced coefficient), in [0, 1].
+    layout: ``"in_out"`` for ``y = x @ W`` kernels (Flax), ``"out_in"`` for
+      ``y = x @ W.T`` (PyTorch ``nn.Linear`` weights).
+  """
+  _core.check_choice("layout", layout, ("in_out", "out_in"))
+  _core.check_fraction("alpha", alpha, allow_zero=True)
+  data = _by_path("grams", grams)
+  for d in data:
+    for p, g in d.items():
+      if len(jnp.shape(g)) != 2 or jnp.shape(g)[0] != jnp.shape(g)[1]:
+        raise ValueError(f"Gram matrix for {p!r} must be square, got "
+                         f"{jnp.shape(g)}")
+  return _core.Merger(
+      "regmean", (layout,), {"alpha": alpha}, _regmean_leaf,
+      data=(("grams", data),),
+  )

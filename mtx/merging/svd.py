@@ -1,0 +1,86 @@
+"""SVD-based merges of 2-D layers: TSV-M and ISO-C.
+
+References:
+  Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in
+  Model Merging", CVPR 2025. https://arxiv.org/abs/2412.00081
+  Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common
+  and Task-Specific Subspaces", ICML 2025. https://arxiv.org/abs/2502.04959
+
+Both treat every 2-D leaf as a matrix and average the other leaves (biases,
+norms, convolution kernels), as the authors' code does.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from mtx.merging import _core
+
+
+def polar(x: jnp.ndarray) -> jnp.ndarray:
+  """The orthogonal polar factor ``P Qᵀ`` of ``x = P Σ Qᵀ``."""
+  p, _, qt = jnp.linalg.svd(x, full_matrices=False)
+  return p @ qt
+
+
+def tsv_merge_matrix(tv: jnp.ndarray) -> jnp.ndarray:
+  """TSV-M of one layer ``[T, m, n]``.
+
+  Each task keeps its top ``k = int(min(m, n)/T)`` singular triplets; the
+  concatenated ``U`` and ``V`` are replaced by their orthogonal polar factors
+  (slots beyond ``T·k`` stay zero, as in the authors' code); the result is
+  ``U⊥ diag(Σ) V⊥ᵀ``.
+  """
+  t, m, n = tv.shape
+  r = min(m, n)
+  k = r // t
+  u, s, vt = jnp.linalg.svd(tv, full_matrices=False)  # [T,m,r] [T,r] [T,r,n]
+  u = jnp.moveaxis(u[:, :, :k], 0, 1).reshape(m, t * k)
+  s = s[:, :k].reshape(t * k)
+  vt = vt[:, :k, :].reshape(t * k, n)
+  pad = r - t * k
+  if pad:
+    u = jnp.pad(u, ((0, 0), (0, pad)))
+    s = jnp.pad(s, (0, pad))
+    vt = jnp.pad(vt, ((0, pad), (0, 0)))
+  return (polar(u) * s[None]) @ polar(vt)
+
+
+def _tsvm_leaf(static, tv, ctx):
+  del static
+  if tv.ndim == 3:
+    out = tsv_merge_matrix(tv)
+  else:
+    out = jnp.mean(tv, axis=0)
+  return _core.scalar_scale(ctx, "tsvm") * out
+
+
+def tsvm() -> _core.Merger:
+  """TSV-M: ``θ0 + scale · TSV(τ1..τT)`` (``scale`` α, 1.0 in FusionBench;
+  the authors pick it on validation from {0.1, ..., 3.0}).
+
+  With one task it returns that task's vector unchanged.
+  """
+  return _core.Merger("tsvm", (), {}, _tsvm_leaf)
+
+
+def iso_matrix(tv: jnp.ndarray) -> jnp.ndarray:
+  """ISO-C of one layer: ``mean(S)·U Vᵀ`` for ``U S Vᵀ = Σt τt``."""
+  u, s, vt = jnp.linalg.svd(jnp.sum(tv, axis=0), full_matrices=False)
+  return jnp.mean(s) * (u @ vt)
+
+
+def _iso_leaf(static, tv, ctx):
+  del static
+  out = iso_matrix(tv) if tv.ndim == 3 else jnp.mean(tv, axis=0)
+  return _core.scalar_scale(ctx, "iso_c") * out
+
+
+def iso_c() -> _core.Merger:
+  """ISO-C: flatten the spectrum of ``Σt τt`` to its mean, per 2-D layer.
+
+  The mean runs over all ``min(m, n)`` singular values; non-matrix leaves
+  get the mean task vector. ``scale`` α (the authors tune it on
+  {0.1, ..., 3.0}; FusionBench's default 1.0).
+  """
+  return _core.Merger("iso_c", (), {}, _iso_leaf)
