@@ -88,7 +88,11 @@ def global_kth_largest_host(
   k = np.clip(k, 1, n)
   if n <= _DIRECT:
     a = np.concatenate(
-        [_host_abs(leaf(i), absolute).reshape(t, -1) for i in range(num_leaves)], axis=1
+        [
+            _host_abs(leaf(i), absolute).reshape(t, -1)
+            for i in range(num_leaves)
+        ],
+        axis=1,
     )
     return np.array([_kth_largest_np(a[j], k[j]) for j in range(t)])
   stride = max(1, n // _SAMPLE)
@@ -127,7 +131,10 @@ def global_kth_largest_host(
       missed.append(j)
   for j in missed:  # the sample bracket missed: select among everything
     allj = np.concatenate(
-        [_host_abs(leaf(i), absolute).reshape(t, -1)[j] for i in range(num_leaves)]
+        [
+            _host_abs(leaf(i), absolute).reshape(t, -1)[j]
+            for i in range(num_leaves)
+        ]
     )
     out[j] = _kth_largest_np(allj, k[j])
   return out
@@ -148,6 +155,11 @@ def _from_bits(b: jax.Array) -> jax.Array:
 
 def _wide(x: jax.Array) -> jnp.dtype:
   return jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+
+
+def _midpoint(lo: jax.Array, hi: jax.Array) -> jax.Array:
+  """``floor((lo + hi) / 2)`` without integer overflow."""
+  return (lo & hi) + ((lo ^ hi) >> 1)
 
 
 def _signed_bits(a: jax.Array) -> jax.Array:
@@ -174,8 +186,7 @@ def global_kth_largest_device(
   dt = jnp.result_type(*[_wide(x) for x in leaves])
   prep = (lambda v: jnp.abs(v)) if absolute else (lambda v: v)
   keys = [
-      _signed_bits(prep(x.astype(dt))).reshape(x.shape[0], -1)
-      for x in leaves
+      _signed_bits(prep(x.astype(dt))).reshape(x.shape[0], -1) for x in leaves
   ]
   t = keys[0].shape[0]
   n = sum(x.shape[1] for x in keys)
@@ -185,17 +196,15 @@ def global_kth_largest_device(
   bottom = _signed_bits(jnp.asarray(-jnp.inf, dt))
 
   def count(v):  # [T] -> [T]: how many keys >= v, per task
-    return sum(
-        jnp.sum(x >= v[:, None], axis=1, dtype=itype) for x in keys
-    )
+    return sum(jnp.sum(x >= v[:, None], axis=1, dtype=itype) for x in keys)
 
   def cond(state):
     lo, hi = state
-    return jnp.any(hi - lo > 1)
+    return jnp.any(hi - 1 > lo)  # no overflow: lo < hi
 
   def body(state):
     lo, hi = state
-    mid = lo + (hi - lo) // 2
+    mid = _midpoint(lo, hi)
     ok = count(mid) >= k
     return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
 
@@ -248,12 +257,13 @@ def row_kth_largest_device(x: jax.Array, ks: tuple[int, ...]) -> jax.Array:
 
     def body(_, state, k=k):
       lo, hi = state
-      mid = lo + (hi - lo) // 2
+      mid = _midpoint(lo, hi)
       ok = jnp.sum(keys >= mid[..., None], axis=-1, dtype=itype) >= k
       return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
 
-    lo = jnp.zeros(x.shape[:-1], itype)
-    hi = jnp.full(x.shape[:-1], top, itype)
+    row = jnp.max(keys, axis=-1)  # [...]: shaped and sharded like the rows
+    lo = jnp.zeros_like(row)
+    hi = jnp.full_like(row, top)
     nbits = 64 if itype == jnp.int64 else 32
     lo, _ = jax.lax.fori_loop(0, nbits, body, (lo, hi))
     outs.append(_from_bits(lo))

@@ -77,7 +77,9 @@ def apply(pretrained: PyTree, task_vector: PyTree, scale: Any = 1.0) -> PyTree:
   scales = jax.tree.broadcast(scale, pretrained)
   return jax.tree.map(
       lambda p, t, s: (_acc(p) + s * _acc(t)).astype(p.dtype),
-      pretrained, task_vector, scales,
+      pretrained,
+      task_vector,
+      scales,
   )
 
 
@@ -92,9 +94,7 @@ def analogy(tv_a: PyTree, tv_b: PyTree, tv_c: PyTree) -> PyTree:
 
 
 def _as_stacked(task_vectors) -> PyTree:
-  if isinstance(task_vectors, Sequence) and not isinstance(
-      task_vectors, dict
-  ):
+  if isinstance(task_vectors, Sequence) and not isinstance(task_vectors, dict):
     return mtree.stack(list(task_vectors))
   return task_vectors
 
@@ -108,8 +108,7 @@ def cosine_matrix(task_vectors: Sequence[PyTree] | PyTree) -> jax.Array:
   leaves = jax.tree.leaves(stacked)
   acc = mtree.accum_dtype()
   gram = sum(
-      (lambda f: f @ f.T)(x.reshape(x.shape[0], -1).astype(acc))
-      for x in leaves
+      (lambda f: f @ f.T)(x.reshape(x.shape[0], -1).astype(acc)) for x in leaves
   )
   n = jnp.sqrt(jnp.diagonal(gram))
   return gram / jnp.maximum(n[:, None] * n[None, :], 1e-12)
@@ -146,8 +145,9 @@ def sparsify(
     thr = [src.global_kth_largest(np.array([k]))] * len(leaves)
   else:
     thr = [
-        src.leaf_kth_largest(i, np.array([_ties.num_kept(n, density,
-                                                         topk_rule)]))
+        src.leaf_kth_largest(
+            i, np.array([_ties.num_kept(n, density, topk_rule)])
+        )
         for i, n in enumerate(src.sizes)
     ]
   out = [
@@ -199,7 +199,9 @@ def retrieve(
       lambda p, v, m: (_acc(p) + jnp.where(m[task], _acc(v), 0)).astype(
           p.dtype
       ),
-      pretrained, mtl, masks,
+      pretrained,
+      mtl,
+      masks,
   )
 
 
@@ -293,9 +295,13 @@ def compress(
     masks.append(np.packbits(m.ravel()))
     signs.append(np.packbits(a[m] > 0))
   return Compressed(
-      treedef, tuple(paths), tuple(tuple(np.shape(x)) for x in leaves),
-      tuple(jnp.dtype(x.dtype).name for x in leaves), tuple(masks),
-      tuple(signs), float(alpha * std[0]),
+      treedef,
+      tuple(paths),
+      tuple(tuple(np.shape(x)) for x in leaves),
+      tuple(jnp.dtype(x.dtype).name for x in leaves),
+      tuple(masks),
+      tuple(signs),
+      float(alpha * std[0]),
   )
 
 
@@ -321,7 +327,7 @@ def storage_bytes(c: Compressed) -> dict[str, float]:
   """
   stored = sum(b.nbytes for b in c.mask_bits + c.sign_bits) + 4
   dense = sum(
-      int(np.prod(s)) * jnp.dtype(d).itemsize for s, d in zip(c.shapes,
-                                                              c.dtypes)
+      int(np.prod(s)) * jnp.dtype(d).itemsize
+      for s, d in zip(c.shapes, c.dtypes)
   )
   return {"stored": stored, "dense": dense, "ratio": dense / stored}

@@ -340,7 +340,9 @@ def rules_to_tree(
   >>> rules_to_tree({"a": {"w": 0}, "b": 0}, [("^a/", 0.5), (".*", 1.0)])
   {'a': {'w': 0.5}, 'b': 1.0}
   """
-  compiled = [(r, v) for r, (_, v) in zip(_compile([p for p, _ in rules]), rules)]
+  compiled = [
+      (r, v) for r, (_, v) in zip(_compile([p for p, _ in rules]), rules)
+  ]
   used = [False] * len(compiled)
 
   def one(path: str, _):

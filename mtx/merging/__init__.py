@@ -117,8 +117,15 @@ def merge(
     structural = dict(hparams)
     merger = get(method, **structural)
   return _core.merge_models(
-      merger, pretrained, finetuned, scale=scale, key=key, include=include,
-      exclude=exclude, check_finite=check_finite, **coeffs,
+      merger,
+      pretrained,
+      finetuned,
+      scale=scale,
+      key=key,
+      include=include,
+      exclude=exclude,
+      check_finite=check_finite,
+      **coeffs,
   )
 
 

@@ -139,17 +139,20 @@ class Source:
       tv = self.transform(i, tv)
     return tv
 
-  def with_transform(
-      self, fn: Callable[[int, jax.Array], jax.Array]
-  ) -> Source:
+  def with_transform(self, fn: Callable[[int, jax.Array], jax.Array]) -> Source:
     prev = self.transform
 
     def composed(i, tv):
       return fn(i, tv if prev is None else prev(i, tv))
 
     return Source(
-        self.paths, self.indices, self.shapes, self.num_tasks, self.raw,
-        self.host, composed,
+        self.paths,
+        self.indices,
+        self.shapes,
+        self.num_tasks,
+        self.raw,
+        self.host,
+        composed,
     )
 
   def global_kth_largest(self, k, absolute: bool = True):
@@ -161,7 +164,10 @@ class Source:
   def leaf_kth_largest(self, i: int, k, absolute: bool = True):
     """Per-task k-th largest ``|τ|`` (or ``τ``) within leaf ``i``."""
     return _select.global_kth_largest(
-        lambda _: self.leaf(i), [self.sizes[i]], np.asarray(k), self.host,
+        lambda _: self.leaf(i),
+        [self.sizes[i]],
+        np.asarray(k),
+        self.host,
         absolute,
     )
 
@@ -188,8 +194,12 @@ def source_from_stacked(task_vectors: PyTree) -> Source:
   t = _num_tasks_stacked(paths, leaves)
   host = all(_select.on_host(x) for x in leaves)
   return Source(
-      paths, range(len(leaves)), [np.shape(x)[1:] for x in leaves], t,
-      lambda i: (None, leaves[i]), host,
+      paths,
+      range(len(leaves)),
+      [np.shape(x)[1:] for x in leaves],
+      t,
+      lambda i: (None, leaves[i]),
+      host,
   )
 
 
@@ -415,8 +425,9 @@ def _broadcast_scale(scale, like: PyTree, merger: Merger, t: int) -> list:
 
 
 def _is_float(x) -> bool:
-  return jnp.issubdtype(jnp.asarray(x).dtype if not hasattr(x, "dtype")
-                        else x.dtype, jnp.inexact)
+  return jnp.issubdtype(
+      jnp.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype, jnp.inexact
+  )
 
 
 def _finite_leaf(x) -> bool:
@@ -433,11 +444,35 @@ def _all_finite(x):
   return jnp.all(jnp.isfinite(x))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _merge_leaf(leaf_fn, static, pre, fts, ctx):
-  tv = _tau(pre, fts)
-  merged = leaf_fn(static, tv, ctx._replace(pre=pre))
-  return (pre.astype(merged.dtype) + merged).astype(pre.dtype)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _merge_leaf(leaf_fn, static, sharding, pre, fts, ctx):
+  def body(pre, fts, ctx):
+    tv = _tau(pre, fts)
+    merged = leaf_fn(static, tv, ctx._replace(pre=pre))
+    return (pre.astype(merged.dtype) + merged).astype(pre.dtype)
+
+  if sharding is None:
+    return body(pre, fts, ctx)
+  mesh = getattr(sharding, "mesh", None)
+  explicit = mesh is not None and any(
+      t == jax.sharding.AxisType.Explicit for t in mesh.axis_types
+  )
+  if explicit:
+    # Methods contract, sort or factorise within a leaf (SVD, Gram matrices);
+    # let XLA choose those intermediate layouts, then pin the output to the
+    # input's sharding.
+    return jax.sharding.auto_axes(body, out_sharding=sharding)(pre, fts, ctx)
+  return jax.lax.with_sharding_constraint(body(pre, fts, ctx), sharding)
+
+
+def _sharding_of(x):
+  """The sharding to give a merged leaf: the pretrained leaf's, if sharded."""
+  s = getattr(x, "sharding", None)
+  if s is None or isinstance(x, jax.core.Tracer):
+    return None
+  if len(s.device_set) <= 1:
+    return None
+  return s
 
 
 def merge_models(
@@ -453,9 +488,7 @@ def merge_models(
     **coeffs: Any,
 ) -> PyTree:
   """See :func:`mtx.merging.merge`."""
-  if isinstance(finetuned, Mapping) or not isinstance(
-      finetuned, Sequence
-  ):
+  if isinstance(finetuned, Mapping) or not isinstance(finetuned, Sequence):
     raise ValueError(
         "finetuned must be a list of fine-tuned param trees, got "
         f"{type(finetuned).__name__}"
@@ -508,8 +541,8 @@ def merge_models(
             f"{name} names leaf {unknown[0]!r}, which is not a merged leaf"
         )
   host = all(
-      _select.on_host(pre_leaves[i]) and all(_select.on_host(f[i]) for f in
-                                             ft_leaves)
+      _select.on_host(pre_leaves[i])
+      and all(_select.on_host(f[i]) for f in ft_leaves)
       for i in idx
   )
   src = Source(
@@ -534,8 +567,12 @@ def merge_models(
         path=None,  # static strings stay out of the jitted kernel
     )
     out[i] = _merge_leaf(
-        merger.leaf_fn, merger.static, pre_leaves[i],
-        tuple(f[i] for f in ft_leaves), ctx,
+        merger.leaf_fn,
+        merger.static,
+        _sharding_of(pre_leaves[i]),
+        pre_leaves[i],
+        tuple(f[i] for f in ft_leaves),
+        ctx,
     )
   return mtree.unflatten(treedef, out)
 

@@ -62,7 +62,9 @@ def weighted_average(
     if weights.ndim != 1:
       raise ValueError(f"weights must be a [T] vector, got {weights.shape}")
   return _core.Merger(
-      "weighted_average", (bool(normalize),), {"weights": weights},
+      "weighted_average",
+      (bool(normalize),),
+      {"weights": weights},
       _weighted_leaf,
   )
 
@@ -84,6 +86,4 @@ def task_arithmetic() -> _core.Merger:
   >>> mtx.merging.merge(pre, fts, "task_arithmetic", scale=0.5)["w"].tolist()
   [1.5, 2.0]
   """
-  return _core.Merger(
-      "task_arithmetic", (), {}, _ta_leaf, per_task_scale=True
-  )
+  return _core.Merger("task_arithmetic", (), {}, _ta_leaf, per_task_scale=True)

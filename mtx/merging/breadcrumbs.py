@@ -30,12 +30,15 @@ def _row_thresholds(x, n: int, removed: int, kept: int):
   """``[..., 2]``: the removal bound and the keep bound of each row."""
   hi_rank, lo_rank = max(removed, 1), removed + kept
   ks = (hi_rank, max(lo_rank, 1))
-  thr = np.asarray(_select.row_kth_largest(x, ks)) if _select.on_host(x) else (
-      _select.row_kth_largest(x, ks))
+  thr = (
+      np.asarray(_select.row_kth_largest(x, ks))
+      if _select.on_host(x)
+      else (_select.row_kth_largest(x, ks))
+  )
   thr = jnp.asarray(thr, x.dtype)
-  hi = thr[..., 0] if removed > 0 else jnp.full(thr.shape[:-1], jnp.inf, x.dtype)
+  hi = thr[..., 0] if removed > 0 else jnp.full_like(thr[..., 0], jnp.inf)
   if lo_rank > n or kept == 0:
-    lo = jnp.full(thr.shape[:-1], jnp.inf, x.dtype)  # keeps nothing
+    lo = jnp.full_like(thr[..., 1], jnp.inf)  # keeps nothing
   else:
     lo = thr[..., 1]
   return jnp.stack([hi, lo], axis=-1)
@@ -89,6 +92,10 @@ def breadcrumbs(density: float = 0.1, top_remove: float = 0.01) -> _core.Merger:
   if top_remove >= 1.0:
     raise ValueError(f"top_remove must be < 1, got {top_remove}")
   return _core.Merger(
-      "breadcrumbs", (density, top_remove), {}, _leaf, _prepare,
+      "breadcrumbs",
+      (density, top_remove),
+      {},
+      _leaf,
+      _prepare,
       per_task_scale=True,
   )

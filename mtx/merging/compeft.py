@@ -52,8 +52,9 @@ def _leaf(static, tv, ctx):
   del static
   g = ctx.glob
   mag = ctx.coeffs["alpha"] * g["std"]
-  return jnp.sum(_core.scale_tasks(ctx.scale, ternarize(tv, g["thr"], mag)),
-                 axis=0)
+  return jnp.sum(
+      _core.scale_tasks(ctx.scale, ternarize(tv, g["thr"], mag)), axis=0
+  )
 
 
 def _prepare(static, src, key=None):
@@ -77,6 +78,10 @@ def compeft(
   density = _core.check_fraction("density", density)
   _core.check_choice("topk_rule", topk_rule, _ties.TOPK_RULES)
   return _core.Merger(
-      "compeft", (density, topk_rule), {"alpha": alpha}, _leaf, _prepare,
+      "compeft",
+      (density, topk_rule),
+      {"alpha": alpha},
+      _leaf,
+      _prepare,
       per_task_scale=True,
   )

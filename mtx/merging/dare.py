@@ -63,7 +63,9 @@ def _prepare(static, src: _core.Source, key):
   if base.prepare_fn is not None:
     dropped = src.with_transform(
         lambda i, tv: _drop_leaf(
-            static, tv, None if key is None else jax.random.fold_in(key, i),
+            static,
+            tv,
+            None if key is None else jax.random.fold_in(key, i),
             per_leaf[i].get("drop_thr"),
         )
     )

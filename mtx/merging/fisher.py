@@ -37,8 +37,11 @@ def _by_path(name: str, trees: Sequence[Any]) -> list[dict[str, Any]]:
 def _fisher_leaf(static, tv, ctx):
   (eps,) = static
   w = ctx.coeffs["weights"]
-  w = jnp.ones((tv.shape[0],), tv.dtype) if w is None else jnp.asarray(
-      w, tv.dtype)
+  w = (
+      jnp.ones((tv.shape[0],), tv.dtype)
+      if w is None
+      else jnp.asarray(w, tv.dtype)
+  )
   f = None if ctx.data is None else ctx.data["fishers"]
   wc = w.reshape((-1,) + (1,) * (tv.ndim - 1))
   if f is None:
@@ -74,14 +77,16 @@ def fisher(
   """
   data = _by_path("fishers", fishers)
   return _core.Merger(
-      "fisher", (float(eps),),
+      "fisher",
+      (float(eps),),
       {"weights": None if weights is None else jnp.asarray(weights)},
-      _fisher_leaf, data=(("fishers", data),),
+      _fisher_leaf,
+      data=(("fishers", data),),
   )
 
 
 def _regmean_leaf(static, tv, ctx):
-  (layout,) = static
+  layout, ridge = static
   g = None if ctx.data is None else ctx.data["grams"]
   if g is None or tv.ndim != 3:
     return _core.scalar_scale(ctx, "regmean") * jnp.mean(tv, axis=0)
@@ -90,8 +95,12 @@ def _regmean_leaf(static, tv, ctx):
   diag = jnp.eye(g.shape[-1], dtype=tv.dtype)
   g = alpha * g + (1 - alpha) * g * diag  # off-diagonals scaled by α
   w = tv if layout == "in_out" else jnp.swapaxes(tv, 1, 2)
-  rhs = jnp.einsum("tij,tjk->ik", g, w)
-  out = jnp.linalg.solve(jnp.sum(g, axis=0), rhs)
+  total = jnp.sum(g, axis=0)
+  # A ridge relative to the mean diagonal keeps directions no input ever
+  # reached (zero rows of G) at the plain average instead of 0/0.
+  lam = ridge * jnp.maximum(jnp.trace(total) / total.shape[0], 1e-30)
+  rhs = jnp.einsum("tij,tjk->ik", g, w) + lam * jnp.mean(w, axis=0)
+  out = jnp.linalg.solve(total + lam * diag, rhs)
   if layout == "out_in":
     out = out.T
   return _core.scalar_scale(ctx, "regmean") * out
@@ -102,6 +111,7 @@ def regmean(
     *,
     alpha: float = 0.95,
     layout: str = "in_out",
+    ridge: float = 1e-6,
 ) -> _core.Merger:
   """RegMean: ``W* = (Σi G̃i)⁻¹ Σi G̃i Wi`` for each linear layer.
 
@@ -115,6 +125,11 @@ def regmean(
     alpha: off-diagonal scaling (traced coefficient), in [0, 1].
     layout: ``"in_out"`` for ``y = x @ W`` kernels (Flax), ``"out_in"`` for
       ``y = x @ W.T`` (PyTorch ``nn.Linear`` weights).
+    ridge: numerical guard (not in the paper): solves
+      ``(ΣG̃ + λI) W = Σ G̃i Wi + λ mean(Wi)`` with ``λ = ridge·mean(diag ΣG̃)``,
+      so input directions no sample reached (singular ``ΣG̃``, e.g. dead
+      pixels or ReLU units) get the average instead of NaN. ``ridge=0`` is
+      the paper's exact formula.
   """
   _core.check_choice("layout", layout, ("in_out", "out_in"))
   _core.check_fraction("alpha", alpha, allow_zero=True)
@@ -122,9 +137,13 @@ def regmean(
   for d in data:
     for p, g in d.items():
       if len(jnp.shape(g)) != 2 or jnp.shape(g)[0] != jnp.shape(g)[1]:
-        raise ValueError(f"Gram matrix for {p!r} must be square, got "
-                         f"{jnp.shape(g)}")
+        raise ValueError(
+            f"Gram matrix for {p!r} must be square, got " f"{jnp.shape(g)}"
+        )
   return _core.Merger(
-      "regmean", (layout,), {"alpha": alpha}, _regmean_leaf,
+      "regmean",
+      (layout, float(ridge)),
+      {"alpha": alpha},
+      _regmean_leaf,
       data=(("grams", data),),
   )

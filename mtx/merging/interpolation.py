@@ -65,9 +65,7 @@ def model_stock(average: str = "cosine") -> _core.Merger:
   [0.0, 0.0]
   """
   _core.check_choice("average", average, ("cosine", "angle"))
-  return _core.Merger(
-      "model_stock", (average,), {}, _stock_leaf, min_tasks=2
-  )
+  return _core.Merger("model_stock", (average,), {}, _stock_leaf, min_tasks=2)
 
 
 DOT_THRESHOLD = 0.9995
@@ -123,6 +121,11 @@ def slerp(t: float = 0.5, *, space: str = "params") -> _core.Merger:
   """
   _core.check_choice("space", space, ("params", "task_vectors"))
   return _core.Merger(
-      "slerp", (space,), {"t": t}, _slerp_leaf,
-      needs_pretrained=space == "params", min_tasks=2, max_tasks=2,
+      "slerp",
+      (space,),
+      {"t": t},
+      _slerp_leaf,
+      needs_pretrained=space == "params",
+      min_tasks=2,
+      max_tasks=2,
   )

@@ -112,12 +112,15 @@ def _prepare(static, src: _core.Source, key):
   base, depth_fn, num_blocks, auto_alpha = static
   bstats = (
       base.prepare_fn(base.static, src, key)
-      if base.prepare_fn is not None else _core.Stats()
+      if base.prepare_fn is not None
+      else _core.Stats()
   )
   fr = depth_fractions(src.paths, depth_fn, num_blocks)
   per_leaf = tuple(
-      {"depth": np.float32(f),
-       "base": None if bstats.leaf is None else bstats.leaf[i]}
+      {
+          "depth": np.float32(f),
+          "base": None if bstats.leaf is None else bstats.leaf[i],
+      }
       for i, f in enumerate(fr)
   )
   g = {"base": bstats.glob}
@@ -126,8 +129,14 @@ def _prepare(static, src: _core.Source, key):
     for i in range(len(src)):
       tv = src.leaf(i)
       ctx = _core.Ctx(
-          bstats.glob, per_leaf[i]["base"], jnp.ones((), tv.dtype),
-          dict(base.coeffs), None, None, None, src.paths[i],
+          bstats.glob,
+          per_leaf[i]["base"],
+          jnp.ones((), tv.dtype),
+          dict(base.coeffs),
+          None,
+          None,
+          None,
+          src.paths[i],
       )
       a, b = _l1_pair(tv, base.leaf_fn(base.static, tv, ctx))
       num += float(a)

@@ -132,8 +132,11 @@ def prepare(static, src: _core.Source, key=None) -> _core.Stats:
   if zero_sign == "majority":
     total = 0.0
     for i in range(len(src)):
-      thr = None if density >= 1.0 else (
-          glob["thr"] if scope == "global" else per_leaf[i]["thr"])
+      thr = (
+          None
+          if density >= 1.0
+          else (glob["thr"] if scope == "global" else per_leaf[i]["thr"])
+      )
       s = float(sign_sum(src.leaf(i), thr))
       total += s
       per_leaf[i]["majority"] = np.sign(s)
