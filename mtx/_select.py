@@ -46,11 +46,11 @@ def on_host(x) -> bool:
   return False
 
 
-def _host_abs(x, absolute: bool = True) -> np.ndarray:
+def _host(x) -> np.ndarray:
   a = np.asarray(x)
   if a.dtype not in (np.float32, np.float64):
     a = a.astype(np.float32)
-  return np.abs(a) if absolute else a
+  return a.ravel()
 
 
 def _kth_largest_np(a: np.ndarray, k: int) -> float:
@@ -61,87 +61,74 @@ def _kth_largest_np(a: np.ndarray, k: int) -> float:
 
 
 def global_kth_largest_host(
-    leaf: Callable[[int], np.ndarray],
+    leaf: Callable[[int], Sequence[np.ndarray]],
     sizes: Sequence[int],
     k: np.ndarray,
-    absolute: bool = True,
 ) -> np.ndarray:
-  """Per-task k-th largest ``|x|`` over all leaves, on the host.
+  """Per-task k-th largest value over all leaves, on the host.
 
   Args:
-    leaf: ``leaf(i)`` returns leaf ``i`` with a leading task axis ``[T, ...]``
+    leaf: ``leaf(i)`` returns leaf ``i``'s values, one array per task
       (called up to three times per leaf; recomputing it is fine).
     sizes: the number of entries per task of each leaf.
     k: ``[T]`` 1-based ranks.
-    absolute: select among ``|x|`` (else among the signed values).
 
   Returns:
-    ``[T]`` thresholds (float64 numpy).
+    ``[T]`` thresholds (numpy, the values' dtype).
   """
   k = np.asarray(k, np.int64)
   t = k.shape[0]
   num_leaves = len(sizes)
-  samples = [[] for _ in range(t)]
   n = int(sum(sizes))
   if n == 0:
     raise ValueError("cannot select a top-k over zero entries")
   k = np.clip(k, 1, n)
   if n <= _DIRECT:
-    a = np.concatenate(
-        [
-            _host_abs(leaf(i), absolute).reshape(t, -1)
-            for i in range(num_leaves)
-        ],
-        axis=1,
+    per_task = [[] for _ in range(t)]
+    for i in range(num_leaves):
+      for j, x in enumerate(leaf(i)):
+        per_task[j].append(_host(x))
+    return np.array(
+        [_kth_largest_np(np.concatenate(per_task[j]), k[j]) for j in range(t)]
     )
-    return np.array([_kth_largest_np(a[j], k[j]) for j in range(t)])
   stride = max(1, n // _SAMPLE)
+  samples = [[] for _ in range(t)]
   for i in range(num_leaves):
-    a = _host_abs(leaf(i), absolute).reshape(t, -1)
-    for j in range(t):
-      samples[j].append(a[j, ::stride])
+    for j, x in enumerate(leaf(i)):
+      samples[j].append(_host(x)[::stride].copy())
   lo = np.empty(t)
   hi = np.empty(t)
   for j in range(t):
-    s = np.sort(np.concatenate(samples[j]))[::-1]  # descending
-    m = s.size
-    pos = k[j] / n * m  # expected 0-based position of the answer in s
+    smp = np.sort(np.concatenate(samples[j]))[::-1]  # descending
+    m = smp.size
+    pos = k[j] / n * m  # expected 0-based position of the answer in smp
     margin = 6.0 * np.sqrt(pos * (1 - pos / m) + 1.0) + 8
     hi_i = int(np.floor(pos - margin))
     lo_i = int(np.ceil(pos + margin))
-    hi[j] = np.inf if hi_i < 0 else s[hi_i]
-    lo[j] = -np.inf if lo_i >= m else s[lo_i]
+    hi[j] = np.inf if hi_i < 0 else smp[hi_i]
+    lo[j] = -np.inf if lo_i >= m else smp[lo_i]
   del samples
   above = np.zeros(t, np.int64)
   cands = [[] for _ in range(t)]
   for i in range(num_leaves):
-    a = _host_abs(leaf(i), absolute).reshape(t, -1)
-    for j in range(t):
-      aj = a[j]
-      above[j] += np.count_nonzero(aj > hi[j])
-      cands[j].append(aj[(aj >= lo[j]) & (aj <= hi[j])])
+    for j, x in enumerate(leaf(i)):
+      a = _host(x)
+      above[j] += np.count_nonzero(a > hi[j])
+      cands[j].append(a[(a >= lo[j]) & (a <= hi[j])])
   out = np.empty(t)
-  missed = []
   for j in range(t):
     c = np.concatenate(cands[j])
     r = k[j] - above[j]  # rank of the answer among the candidates
     if 1 <= r <= c.size:
       out[j] = _kth_largest_np(c, r)
-    else:
-      missed.append(j)
-  for j in missed:  # the sample bracket missed: select among everything
-    allj = np.concatenate(
-        [
-            _host_abs(leaf(i), absolute).reshape(t, -1)[j]
-            for i in range(num_leaves)
-        ]
-    )
-    out[j] = _kth_largest_np(allj, k[j])
+    else:  # the sample bracket missed: select among everything
+      allj = np.concatenate([_host(leaf(i)[j]) for i in range(num_leaves)])
+      out[j] = _kth_largest_np(allj, k[j])
   return out
 
 
 def _bits(a: jax.Array) -> jax.Array:
-  """Monotone integer keys of non-negative floats."""
+  """Integer views of floats (monotone for non-negative values)."""
   if a.dtype == jnp.float64:
     return jax.lax.bitcast_convert_type(a, jnp.int64)
   return jax.lax.bitcast_convert_type(a.astype(jnp.float32), jnp.int32)
@@ -174,29 +161,32 @@ def _from_signed_bits(k: jax.Array) -> jax.Array:
   return _from_bits(jnp.where(k < 0, k ^ flip, k))
 
 
-@functools.partial(jax.jit, static_argnames="absolute")
+@jax.jit
 def global_kth_largest_device(
-    leaves: Sequence[jax.Array], k: jax.Array, absolute: bool = True
+    leaves: Sequence[Sequence[jax.Array]], k: jax.Array
 ) -> jax.Array:
-  """Per-task k-th largest ``|x|`` over leaves ``[T, ...]``, by bisection.
+  """Per-task k-th largest value over leaves (each a tuple of T arrays).
 
-  Jittable, and works on sharded leaves: each step is a counting reduction.
-  Returns ``[T]`` thresholds in the leaves' accumulation dtype.
+  Bisection over monotone integer keys; jittable, and works on sharded
+  leaves: each step is a counting reduction. Returns ``[T]`` thresholds.
   """
-  dt = jnp.result_type(*[_wide(x) for x in leaves])
-  prep = (lambda v: jnp.abs(v)) if absolute else (lambda v: v)
-  keys = [
-      _signed_bits(prep(x.astype(dt))).reshape(x.shape[0], -1) for x in leaves
-  ]
-  t = keys[0].shape[0]
-  n = sum(x.shape[1] for x in keys)
-  itype = keys[0].dtype
+  dt = jnp.result_type(*[_wide(x) for xs in leaves for x in xs])
+  # No reshapes: merging sharded axes would need an explicit out sharding.
+  keys = [[_signed_bits(x.astype(dt)) for x in xs] for xs in leaves]
+  t = len(keys[0])
+  n = sum(int(np.prod(xs[0].shape)) for xs in keys)
+  itype = keys[0][0].dtype
   k = jnp.clip(jnp.asarray(k).astype(itype), 1, n)
   top = _signed_bits(jnp.asarray(jnp.inf, dt)) + 1
   bottom = _signed_bits(jnp.asarray(-jnp.inf, dt))
 
   def count(v):  # [T] -> [T]: how many keys >= v, per task
-    return sum(jnp.sum(x >= v[:, None], axis=1, dtype=itype) for x in keys)
+    return jnp.stack(
+        [
+            sum(jnp.sum(xs[j] >= v[j], dtype=itype) for xs in keys)
+            for j in range(t)
+        ]
+    )
 
   def cond(state):
     lo, hi = state
@@ -215,17 +205,16 @@ def global_kth_largest_device(
 
 
 def global_kth_largest(
-    leaf: Callable[[int], jax.Array],
+    leaf: Callable[[int], Sequence[jax.Array]],
     sizes: Sequence[int],
     k: np.ndarray,
     host: bool,
-    absolute: bool = True,
 ) -> np.ndarray | jax.Array:
   """Dispatches to the host or device backend (see module docstring)."""
   if host:
-    return global_kth_largest_host(leaf, sizes, k, absolute)
+    return global_kth_largest_host(leaf, sizes, k)
   return global_kth_largest_device(
-      [leaf(i) for i in range(len(sizes))], jnp.asarray(k), absolute
+      [tuple(leaf(i)) for i in range(len(sizes))], jnp.asarray(k)
   )
 
 
@@ -235,7 +224,7 @@ def global_kth_largest(
 
 def row_kth_largest_host(x, ks: Sequence[int]) -> np.ndarray:
   """``[..., len(ks)]``: for each row (last axis) the ``ks``-th largest |x|."""
-  a = _host_abs(x)
+  a = np.abs(np.asarray(x))
   n = a.shape[-1]
   ks = [min(max(int(k), 1), n) for k in ks]
   idx = sorted({n - k for k in ks})

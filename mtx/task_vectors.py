@@ -187,7 +187,9 @@ def tall_masks(
   if mtl is None:
     mtl = multitask_vector(stacked)
   return jax.tree.map(
-      lambda tv, m: _consensus.tall_masks(tv, m, tall_lambda), stacked, mtl
+      lambda tv, m: jnp.stack(_consensus.tall_masks(tuple(tv), m, tall_lambda)),
+      stacked,
+      mtl,
   )
 
 
@@ -207,7 +209,7 @@ def retrieve(
 
 def consensus_mask(masks: PyTree, k: int = 2) -> PyTree:
   """Entries active in at least ``k`` of the stacked masks."""
-  return jax.tree.map(lambda m: _consensus.consensus_mask(m, k), masks)
+  return jax.tree.map(lambda m: _consensus.consensus_mask(tuple(m), k), masks)
 
 
 def pack_mask(mask: PyTree) -> dict[str, Any]:

@@ -121,25 +121,22 @@ def main() -> int:
       except Exception as e:  # report every method, then fail
         failures += 1
         print(f"FAIL {axis_type:8s} {name}: {type(e).__name__}: {e}")
-  # The two exact top-k backends agree (ties included).
+  # The two exact top-k backends agree (ties and signs included).
   x = jnp.round(jax.random.normal(jax.random.key(3), (3, 4000)) * 50) / 50
   mesh = jax.make_mesh((8,), ("d",))
   xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, P(None, "d")))
   for k in (1, 7, 800, 3999, 4000):
-    host = _select.global_kth_largest_host(lambda i: x, [4000], np.full(3, k))
-    dev = _select.global_kth_largest_device([xs], jnp.full((3,), k))
-    signed = _select.global_kth_largest_device([xs], jnp.full((3,), k), False)
-    host_s = _select.global_kth_largest_host(
-        lambda i: x, [4000], np.full(3, k), False
-    )
-    if not (
-        np.array_equal(host, np.asarray(dev))
-        and np.array_equal(host_s, np.asarray(signed))
-    ):
-      failures += 1
-      print(f"FAIL select k={k}: host {host} device {dev}")
-    else:
-      print(f"ok   select k={k}")
+    for absolute in (True, False):
+      f = jnp.abs if absolute else (lambda v: v)
+      host = _select.global_kth_largest_host(
+          lambda i, f=f: tuple(f(x)), [4000], np.full(3, k)
+      )
+      dev = _select.global_kth_largest_device([tuple(f(xs))], jnp.full((3,), k))
+      if not np.array_equal(host, np.asarray(dev)):
+        failures += 1
+        print(f"FAIL select k={k} abs={absolute}: host {host} device {dev}")
+      else:
+        print(f"ok   select k={k} abs={absolute}")
   print("passed" if not failures else f"{failures} failures")
   return 1 if failures else 0
 

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 import functools
 import inspect
+import operator
 from typing import Any, NamedTuple
 
 import jax
@@ -68,19 +69,41 @@ class Ctx(NamedTuple):
   key: jax.Array | None
   pre: jax.Array | None
   data: PyTree
-  path: str
+  path: str | None
+
+
+# A leaf's task vectors are a tuple of T arrays, never one stacked [T, ...]
+# array: XLA on CPU fuses elementwise work across a tuple at memory speed but
+# materialises a stack and reduces over its leading axis ~30x slower.
+Tasks = tuple[jax.Array, ...]
 
 
 def acc_dtype() -> jnp.dtype:
   return mtree.accum_dtype()
 
 
-def scale_tasks(scale: jax.Array, tv: jax.Array) -> jax.Array:
+def tsum(xs: Sequence[jax.Array]) -> jax.Array:
+  """``Σt xs[t]``, unrolled (elementwise adds)."""
+  return functools.reduce(operator.add, xs)
+
+
+def tmean(xs: Sequence[jax.Array]) -> jax.Array:
+  return tsum(xs) / len(xs)
+
+
+def per_task(values: Any, t: int) -> list[Any]:
+  """``values[i]`` for each task, or the scalar ``values`` repeated."""
+  v = jnp.asarray(values)
+  if v.ndim == 0:
+    return [v] * t
+  return [v[i] for i in range(t)]
+
+
+def scale_tasks(scale: jax.Array, tv: Tasks) -> Tasks:
   """Multiplies ``tv[t]`` by ``scale[t]`` (or by a scalar ``scale``)."""
-  scale = jnp.asarray(scale, tv.dtype)
-  if scale.ndim == 0:
-    return scale * tv
-  return scale.reshape((-1,) + (1,) * (tv.ndim - 1)) * tv
+  return tuple(
+      jnp.asarray(s, x.dtype) * x for s, x in zip(per_task(scale, len(tv)), tv)
+  )
 
 
 def scalar_scale(ctx: Ctx, name: str) -> jax.Array:
@@ -93,34 +116,82 @@ def scalar_scale(ctx: Ctx, name: str) -> jax.Array:
   return s
 
 
+def stack(tv: Tasks) -> jax.Array:
+  """``[T, ...]`` (for methods that factorise or contract across tasks)."""
+  return jnp.stack(tv)
+
+
 # ----------------------------------------------------------------------------
 # Sources of task vectors.
 
 
-class Source:
-  """Stacked task vectors ``[T, ...]`` of the selected leaves, one at a time.
+def _tau(pre, fts) -> Tasks:
+  """The task vectors of one leaf as a tuple, in the accumulation dtype."""
+  acc = acc_dtype()
+  if isinstance(fts, tuple | list):
+    xs = [jnp.asarray(f).astype(acc) for f in fts]
+  else:  # a stacked [T, ...] leaf: slicing a parameter fuses into consumers
+    fts = jnp.asarray(fts)
+    xs = [fts[i].astype(acc) for i in range(fts.shape[0])]
+  if pre is not None:
+    p = jnp.asarray(pre).astype(acc)
+    xs = [x - p for x in xs]
+  return tuple(xs)
 
-  Built either from a pretrained model and ``T`` fine-tuned models (each leaf's
-  task vectors computed on demand, never all at once) or from an already
-  stacked task-vector tree. ``transform(i, tv)`` (e.g. DARE's random drop) is
-  applied to every leaf it yields.
+
+class Transform(NamedTuple):
+  """A per-leaf map of task vectors applied before statistics (DARE's drop).
+
+  ``fn(static, tv, key, data) -> tv`` runs inside the jitted kernels;
+  ``data[i]`` and ``fold_in(key, i)`` are leaf ``i``'s arguments.
+  """
+
+  fn: Callable[..., Tasks]
+  static: Any
+  key: jax.Array | None
+  data: tuple[Any, ...] | None
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _on_leaf(fn, fstatic, tfn, tstatic, pre, fts, tkey, tdata, extra):
+  tv = _tau(pre, fts)
+  if tfn is not None:
+    tv = tfn(tstatic, tv, tkey, tdata)
+  return fn(fstatic, tv, *extra)
+
+
+def _identity(static, tv):
+  del static
+  return tv
+
+
+def _abs(static, tv):
+  del static
+  return tuple(jnp.abs(x) for x in tv)
+
+
+class Source:
+  """Task vectors of the selected leaves, computed one leaf at a time.
+
+  Built either from a pretrained model and ``T`` fine-tuned models (each
+  leaf's task vectors computed on demand inside the kernel that needs them,
+  never all at once) or from an already stacked task-vector tree. An optional
+  :class:`Transform` (e.g. DARE's random drop) applies to everything read.
   """
 
   def __init__(
       self,
       paths: Sequence[str],
-      indices: Sequence[int],
       shapes: Sequence[tuple[int, ...]],
       num_tasks: int,
       raw: Callable[[int], tuple[Any, Any]],
       host: bool,
-      transform: Callable[[int, jax.Array], jax.Array] | None = None,
+      transform: Transform | None = None,
   ):
     self.paths = list(paths)
-    self.indices = list(indices)  # position of each leaf in the full tree
     self.shapes = [tuple(s) for s in shapes]
     self.num_tasks = num_tasks
-    self.raw = raw  # i -> (pre leaf or None, fts: tuple of arrays | [T,...])
+    self.raw = raw  # i -> (pre leaf or None, tuple of T leaves | [T, ...])
     self.host = host
     self.transform = transform
 
@@ -131,59 +202,75 @@ class Source:
   def sizes(self) -> list[int]:
     return [int(np.prod(s)) for s in self.shapes]
 
-  def leaf(self, i: int) -> jax.Array:
-    """Leaf ``i``'s stacked task vectors in the accumulation dtype."""
+  def run(self, fn: Callable[..., Any], fstatic: Any, i: int, *extra) -> Any:
+    """``fn(fstatic, tv_i, *extra)`` jitted, ``tv_i`` leaf ``i``'s tasks.
+
+    ``fn`` and ``fstatic`` must be hashable (module-level functions and
+    tuples), so that repeated calls reuse one compiled kernel per shape.
+    """
     pre, fts = self.raw(i)
-    tv = _tau_jit(pre, fts)
+    t = self.transform
+    if t is None:
+      return _on_leaf(fn, fstatic, None, None, pre, fts, None, None, extra)
+    key = None if t.key is None else jax.random.fold_in(t.key, i)
+    data = None if t.data is None else t.data[i]
+    return _on_leaf(fn, fstatic, t.fn, t.static, pre, fts, key, data, extra)
+
+  def tasks(self, i: int) -> Tasks:
+    """Leaf ``i``'s task vectors (materialised)."""
+    return self.run(_identity, None, i)
+
+  def with_transform(self, transform: Transform) -> Source:
     if self.transform is not None:
-      tv = self.transform(i, tv)
-    return tv
-
-  def with_transform(self, fn: Callable[[int, jax.Array], jax.Array]) -> Source:
-    prev = self.transform
-
-    def composed(i, tv):
-      return fn(i, tv if prev is None else prev(i, tv))
-
+      raise ValueError("a Source takes one transform")
     return Source(
         self.paths,
-        self.indices,
         self.shapes,
         self.num_tasks,
         self.raw,
         self.host,
-        composed,
+        transform,
     )
 
-  def global_kth_largest(self, k, absolute: bool = True):
-    """Per-task k-th largest ``|τ|`` (or ``τ``) over all leaves."""
+  def _values(self, i: int, absolute: bool, fn=None, fstatic=None, extra=()):
+    if fn is None:
+      return self.run(_abs if absolute else _identity, None, i)
+    out = self.run(fn, fstatic, i, *extra)
+    return tuple(jnp.abs(x) for x in out) if absolute else out
+
+  def global_kth_largest(
+      self, k, absolute: bool = True, *, fn=None, fstatic=None, extra=()
+  ):
+    """Per-task k-th largest ``|τ|`` (or ``τ``) over all leaves.
+
+    With ``fn``, selects among ``fn(fstatic, tv, *extra)`` instead of ``tv``.
+    """
     return _select.global_kth_largest(
-        self.leaf, self.sizes, np.asarray(k), self.host, absolute
+        lambda i: self._values(i, absolute, fn, fstatic, extra),
+        self.sizes,
+        np.asarray(k),
+        self.host,
     )
 
   def leaf_kth_largest(self, i: int, k, absolute: bool = True):
     """Per-task k-th largest ``|τ|`` (or ``τ``) within leaf ``i``."""
     return _select.global_kth_largest(
-        lambda _: self.leaf(i),
+        lambda _: self._values(i, absolute),
         [self.sizes[i]],
         np.asarray(k),
         self.host,
-        absolute,
     )
 
+  def total(self, x: jax.Array) -> float:
+    """``float(sum(x))`` of an array a kernel returned.
 
-def _tau(pre, fts) -> jax.Array:
-  acc = acc_dtype()
-  if isinstance(fts, tuple | list):
-    tv = jnp.stack([jnp.asarray(f).astype(acc) for f in fts])
-  else:
-    tv = jnp.asarray(fts).astype(acc)
-  if pre is not None:
-    tv = tv - jnp.asarray(pre).astype(acc)[None]
-  return tv
-
-
-_tau_jit = jax.jit(_tau)
+    Kernels return elementwise arrays and numpy sums them on the host (XLA's
+    CPU reductions of fused elementwise work are ~10x slower than numpy);
+    sharded arrays are reduced by XLA, without a gather.
+    """
+    if self.host:
+      return float(np.sum(np.asarray(x), dtype=np.float64))
+    return float(jnp.sum(x, dtype=acc_dtype()))
 
 
 def source_from_stacked(task_vectors: PyTree) -> Source:
@@ -195,7 +282,6 @@ def source_from_stacked(task_vectors: PyTree) -> Source:
   host = all(_select.on_host(x) for x in leaves)
   return Source(
       paths,
-      range(len(leaves)),
       [np.shape(x)[1:] for x in leaves],
       t,
       lambda i: (None, leaves[i]),
@@ -329,7 +415,7 @@ class Merger:
           data=self._leaf_data(p),
           path=p,
       )
-      y = self.leaf_fn(self.static, jnp.asarray(x).astype(acc_dtype()), ctx)
+      y = self.leaf_fn(self.static, _tau(None, x), ctx)
       out.append(y.astype(x.dtype))
     return mtree.unflatten(treedef, out)
 
@@ -398,6 +484,10 @@ class Merger:
 
 def _broadcast_scale(scale, like: PyTree, merger: Merger, t: int) -> list:
   """Per-leaf scales from a scalar, a ``[T]`` vector or a prefix tree."""
+  if isinstance(scale, list | tuple) and all(
+      isinstance(v, int | float) for v in scale
+  ):
+    scale = np.asarray(scale, np.float32)  # a per-task list, not a pytree
   try:
     full = jax.tree.broadcast(scale, like)
   except (ValueError, TypeError) as e:
@@ -433,7 +523,10 @@ def _is_float(x) -> bool:
 def _finite_leaf(x) -> bool:
   if _select.on_host(x):
     a = np.asarray(x)
-    if np.isfinite(np.sum(a, dtype=np.float64)):
+    # A NaN or Inf anywhere makes the sum non-finite; a finite sum proves
+    # the leaf finite. Only on overflow (or a real NaN) look entry by entry.
+    dt = a.dtype if a.dtype in (np.float32, np.float64) else np.float32
+    if np.isfinite(np.sum(a, dtype=dt)):
       return True
     return bool(np.isfinite(a).all())
   return bool(_all_finite(x))
@@ -547,7 +640,6 @@ def merge_models(
   )
   src = Source(
       data_paths,
-      idx,
       [np.shape(pre_leaves[i]) for i in idx],
       len(finetuned),
       lambda j: (pre_leaves[idx[j]], tuple(f[idx[j]] for f in ft_leaves)),

@@ -18,7 +18,7 @@ from mtx.merging import _core
 
 def _average_leaf(static, tv, ctx):
   del static
-  return _core.scalar_scale(ctx, "average") * jnp.mean(tv, axis=0)
+  return _core.scalar_scale(ctx, "average") * _core.tmean(tv)
 
 
 def average() -> _core.Merger:
@@ -38,10 +38,9 @@ def average() -> _core.Merger:
 def _weighted_leaf(static, tv, ctx):
   (normalize,) = static
   w = ctx.coeffs["weights"]
-  if w is None:
-    w = jnp.ones((tv.shape[0],), tv.dtype)
-  w = jnp.asarray(w, tv.dtype)
-  out = jnp.tensordot(w, tv, axes=1)
+  t = len(tv)
+  w = jnp.ones((t,), tv[0].dtype) if w is None else jnp.asarray(w, tv[0].dtype)
+  out = _core.tsum(_core.scale_tasks(w, tv))
   if normalize:
     out = out / jnp.sum(w)
   return _core.scalar_scale(ctx, "weighted_average") * out
@@ -71,7 +70,7 @@ def weighted_average(
 
 def _ta_leaf(static, tv, ctx):
   del static
-  return jnp.sum(_core.scale_tasks(ctx.scale, tv), axis=0)
+  return _core.tsum(_core.scale_tasks(ctx.scale, tv))
 
 
 def task_arithmetic() -> _core.Merger:

@@ -19,10 +19,10 @@ def row_counts(n: int, density: float, top_remove: float) -> tuple[int, int]:
   return int(n * top_remove), int(n * density)
 
 
-def mask(tv: jnp.ndarray, thr: jnp.ndarray) -> jnp.ndarray:
-  """Keeps ``thr[..., 1] <= |τ| < thr[..., 0]`` per row (``thr`` from the
+def mask(x: jnp.ndarray, thr: jnp.ndarray) -> jnp.ndarray:
+  """Keeps ``thr[..., 1] <= |x| < thr[..., 0]`` per row (``thr`` from the
   row thresholds; ``+inf`` upper bound when nothing is removed)."""
-  a = jnp.abs(tv)
+  a = jnp.abs(x)
   return (a >= thr[..., 1:2]) & (a < thr[..., 0:1])
 
 
@@ -37,9 +37,9 @@ def _row_thresholds(x, n: int, removed: int, kept: int):
   )
   thr = jnp.asarray(thr, x.dtype)
   hi = thr[..., 0] if removed > 0 else jnp.full_like(thr[..., 0], jnp.inf)
-  if lo_rank > n or kept == 0:
+  if kept == 0:
     lo = jnp.full_like(thr[..., 1], jnp.inf)  # keeps nothing
-  else:
+  else:  # (a rank past the row's end selects its minimum: keep the rest)
     lo = thr[..., 1]
   return jnp.stack([hi, lo], axis=-1)
 
@@ -54,15 +54,17 @@ def _prepare(static, src: _core.Source, key=None):
       continue
     n = shape[-1]
     removed, kept = row_counts(n, density, top_remove)
-    per_leaf.append(_row_thresholds(src.leaf(i), n, removed, kept))
+    per_leaf.append(
+        tuple(_row_thresholds(x, n, removed, kept) for x in src.tasks(i))
+    )
   return _core.Stats(None, tuple(per_leaf))
 
 
 def _leaf(static, tv, ctx):
   del static
   if ctx.stats is not None:
-    tv = jnp.where(mask(tv, ctx.stats), tv, 0)
-  return jnp.sum(_core.scale_tasks(ctx.scale, tv), axis=0)
+    tv = tuple(jnp.where(mask(x, m), x, 0) for x, m in zip(tv, ctx.stats))
+  return _core.tsum(_core.scale_tasks(ctx.scale, tv))
 
 
 def breadcrumbs(density: float = 0.1, top_remove: float = 0.01) -> _core.Merger:

@@ -8,7 +8,6 @@ Reference:
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -16,18 +15,24 @@ from mtx.merging import _core
 from mtx.merging import ties as _ties
 
 
-def ternarize(tv, thresholds, magnitudes):
+def ternarize(tv: _core.Tasks, thresholds, magnitudes) -> _core.Tasks:
   """``magnitudes[t] · sign(τt)`` where ``|τt| >= thresholds[t]``, else 0."""
-  nd = tv.ndim
-  thr = jnp.asarray(thresholds, tv.dtype).reshape((-1,) + (1,) * (nd - 1))
-  mag = jnp.asarray(magnitudes, tv.dtype).reshape((-1,) + (1,) * (nd - 1))
-  return jnp.where(jnp.abs(tv) >= thr, mag * jnp.sign(tv), 0)
+  t = len(tv)
+  return tuple(
+      jnp.where(
+          jnp.abs(x) >= jnp.asarray(h, x.dtype),
+          jnp.asarray(m, x.dtype) * jnp.sign(x),
+          0,
+      )
+      for x, h, m in zip(
+          tv, _core.per_task(thresholds, t), _core.per_task(magnitudes, t)
+      )
+  )
 
 
-@jax.jit
-def _moments(tv):
-  flat = tv.reshape(tv.shape[0], -1)
-  return jnp.sum(flat, axis=1), jnp.sum(flat * flat, axis=1)
+def _squares(static, tv):
+  del static
+  return tv, tuple(x * x for x in tv)
 
 
 def compeft_stats(src: _core.Source, density: float, topk_rule: str):
@@ -41,9 +46,9 @@ def compeft_stats(src: _core.Source, density: float, topk_rule: str):
   s1 = np.zeros(t)
   s2 = np.zeros(t)
   for i in range(len(src)):
-    a, b = _moments(src.leaf(i))
-    s1 += np.asarray(a, np.float64)
-    s2 += np.asarray(b, np.float64)
+    xs, sq = src.run(_squares, None, i)
+    s1 += [src.total(x) for x in xs]
+    s2 += [src.total(x) for x in sq]
   var = (s2 - s1 * s1 / d) / (d - 1)
   return np.asarray(thr), np.sqrt(np.maximum(var, 0.0))
 
@@ -52,9 +57,7 @@ def _leaf(static, tv, ctx):
   del static
   g = ctx.glob
   mag = ctx.coeffs["alpha"] * g["std"]
-  return jnp.sum(
-      _core.scale_tasks(ctx.scale, ternarize(tv, g["thr"], mag)), axis=0
-  )
+  return _core.tsum(_core.scale_tasks(ctx.scale, ternarize(tv, g["thr"], mag)))
 
 
 def _prepare(static, src, key=None):

@@ -16,34 +16,35 @@ from mtx.merging import _core
 
 
 def tall_masks(
-    tv: jax.Array, mtl: jax.Array, tall_lambda: jax.Array | float
-) -> jax.Array:
+    tv: _core.Tasks, mtl: jax.Array, tall_lambda: jax.Array | float
+) -> tuple[jax.Array, ...]:
   """Per-task masks ``m_t = |τt| > λt·|τMTL − τt|`` (strict, as the code).
 
   Args:
-    tv: ``[T, ...]`` task vectors.
-    mtl: ``[...]`` the multi-task vector (e.g. ``Σt τt``).
+    tv: the task vectors of one leaf, one array per task.
+    mtl: the multi-task vector of that leaf (e.g. ``Σt τt``).
     tall_lambda: λ, a scalar or ``[T]``.
 
   Returns:
-    ``[T, ...]`` boolean masks.
+    One boolean mask per task.
   """
-  lam = jnp.asarray(tall_lambda, tv.dtype)
-  if lam.ndim:
-    lam = lam.reshape((-1,) + (1,) * (tv.ndim - 1))
-  return jnp.abs(tv) > lam * jnp.abs(mtl[None] - tv)
+  lams = _core.per_task(tall_lambda, len(tv))
+  return tuple(
+      jnp.abs(x) > jnp.asarray(lam, x.dtype) * jnp.abs(mtl - x)
+      for x, lam in zip(tv, lams)
+  )
 
 
-def consensus_mask(masks: jax.Array, k: int = 2) -> jax.Array:
+def consensus_mask(masks, k: int = 2) -> jax.Array:
   """Entries active in at least ``k`` tasks: ``Σt m_t >= k``."""
-  return jnp.sum(masks, axis=0, dtype=jnp.int32) >= k
+  return _core.tsum([m.astype(jnp.int32) for m in masks]) >= k
 
 
 def _mtl(static, tv, ctx):
   base = static[1]
   if base is None:
-    return jnp.sum(tv, axis=0)
-  inner = ctx._replace(scale=jnp.ones((), tv.dtype))
+    return _core.tsum(tv)
+  inner = ctx._replace(scale=jnp.ones((), tv[0].dtype))
   return base.leaf_fn(base.static, tv, inner)
 
 

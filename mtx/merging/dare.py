@@ -18,15 +18,19 @@ from mtx.merging import ties as _ties
 
 
 def drop(
-    tv: jax.Array, key: jax.Array, drop_rate: float, rescale: bool = True
-) -> jax.Array:
+    tv: _core.Tasks, key: jax.Array, drop_rate: float, rescale: bool = True
+) -> _core.Tasks:
   """Zeroes each entry with probability ``drop_rate`` (an independent mask
-  per task), dividing survivors by ``1 − drop_rate`` when ``rescale``."""
-  keep = jax.random.bernoulli(key, 1.0 - drop_rate, tv.shape)
-  out = jnp.where(keep, tv, 0)
-  if rescale:
-    out = out / (1.0 - drop_rate)
-  return out
+  per task, from ``fold_in(key, t)``), dividing survivors by
+  ``1 − drop_rate`` when ``rescale``."""
+  out = []
+  for t, x in enumerate(tv):
+    keep = jax.random.bernoulli(
+        jax.random.fold_in(key, t), 1.0 - drop_rate, x.shape
+    )
+    y = jnp.where(keep, x, 0)
+    out.append(y / (1.0 - drop_rate) if rescale else y)
+  return tuple(out)
 
 
 def _drop_leaf(static, tv, key, thr):
@@ -36,7 +40,7 @@ def _drop_leaf(static, tv, key, thr):
   if mode == "random":
     return drop(tv, key, drop_rate, rescale)
   out = _ties.trim(tv, thr)
-  return out / (1.0 - drop_rate) if rescale else out
+  return tuple(x / (1.0 - drop_rate) for x in out) if rescale else out
 
 
 def _leaf(static, tv, ctx):
@@ -51,6 +55,10 @@ def _leaf(static, tv, ctx):
   return base.leaf_fn(base.static, tv, inner)
 
 
+def _transform(static, tv, key, thr):
+  return _drop_leaf(static, tv, key, thr)
+
+
 def _prepare(static, src: _core.Source, key):
   drop_rate, _, mode, base = static
   t = src.num_tasks
@@ -58,15 +66,17 @@ def _prepare(static, src: _core.Source, key):
   if mode == "magnitude" and drop_rate > 0:
     for i, n in enumerate(src.sizes):
       k = max(1, int(n * (1.0 - drop_rate)))
-      per_leaf[i]["drop_thr"] = src.leaf_kth_largest(i, np.full((t,), k))
+      per_leaf[i]["drop_thr"] = np.asarray(
+          src.leaf_kth_largest(i, np.full((t,), k))
+      )
   glob = {}
   if base.prepare_fn is not None:
     dropped = src.with_transform(
-        lambda i, tv: _drop_leaf(
-            static,
-            tv,
-            None if key is None else jax.random.fold_in(key, i),
-            per_leaf[i].get("drop_thr"),
+        _core.Transform(
+            _transform,
+            static[:3],
+            key,
+            tuple(d.get("drop_thr") for d in per_leaf),
         )
     )
     bstats = base.prepare_fn(base.static, dropped, key)

@@ -37,18 +37,15 @@ def _by_path(name: str, trees: Sequence[Any]) -> list[dict[str, Any]]:
 def _fisher_leaf(static, tv, ctx):
   (eps,) = static
   w = ctx.coeffs["weights"]
-  w = (
-      jnp.ones((tv.shape[0],), tv.dtype)
-      if w is None
-      else jnp.asarray(w, tv.dtype)
-  )
+  dt = tv[0].dtype
+  t = len(tv)
+  w = jnp.ones((t,), dt) if w is None else jnp.asarray(w, dt)
   f = None if ctx.data is None else ctx.data["fishers"]
-  wc = w.reshape((-1,) + (1,) * (tv.ndim - 1))
   if f is None:
-    out = jnp.sum(wc * tv, axis=0) / jnp.sum(w)
+    out = _core.tsum(_core.scale_tasks(w, tv)) / jnp.sum(w)
   else:
-    f = wc * (f.astype(tv.dtype) + eps)
-    out = jnp.sum(f * tv, axis=0) / jnp.sum(f, axis=0)
+    fw = [w[i] * (f[i].astype(dt) + eps) for i in range(t)]
+    out = _core.tsum([a * x for a, x in zip(fw, tv)]) / _core.tsum(fw)
   return _core.scalar_scale(ctx, "fisher") * out
 
 
@@ -88,11 +85,13 @@ def fisher(
 def _regmean_leaf(static, tv, ctx):
   layout, ridge = static
   g = None if ctx.data is None else ctx.data["grams"]
-  if g is None or tv.ndim != 3:
-    return _core.scalar_scale(ctx, "regmean") * jnp.mean(tv, axis=0)
-  alpha = jnp.asarray(ctx.coeffs["alpha"], tv.dtype)
-  g = g.astype(tv.dtype)
-  diag = jnp.eye(g.shape[-1], dtype=tv.dtype)
+  if g is None or tv[0].ndim != 2:
+    return _core.scalar_scale(ctx, "regmean") * _core.tmean(tv)
+  dt = tv[0].dtype
+  tv = _core.stack(tv)
+  alpha = jnp.asarray(ctx.coeffs["alpha"], dt)
+  g = g.astype(dt)
+  diag = jnp.eye(g.shape[-1], dtype=dt)
   g = alpha * g + (1 - alpha) * g * diag  # off-diagonals scaled by α
   w = tv if layout == "in_out" else jnp.swapaxes(tv, 1, 2)
   total = jnp.sum(g, axis=0)

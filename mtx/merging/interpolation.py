@@ -14,26 +14,28 @@ import jax.numpy as jnp
 from mtx.merging import _core
 
 
-def pairwise_cosines(tv: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
-  """``[T, T]`` cosines of the flattened task vectors of one leaf."""
-  flat = tv.reshape(tv.shape[0], -1)
-  gram = flat @ flat.T
-  norms = jnp.sqrt(jnp.diagonal(gram))
-  cos = gram / jnp.maximum(norms[:, None] * norms[None, :], eps)
-  return jnp.clip(cos, -1.0, 1.0)
+def pairwise_cosines(tv, eps: float = 1e-6) -> jnp.ndarray:
+  """``[P]`` cosines of the flattened task vectors of one leaf, for the
+  pairs ``i < j`` in ``jnp.triu_indices(T, 1)`` order."""
+  t = len(tv)
+  norms = [jnp.sqrt(jnp.vdot(x, x)) for x in tv]
+  cos = [
+      jnp.vdot(tv[i], tv[j]) / jnp.maximum(norms[i] * norms[j], eps)
+      for i in range(t)
+      for j in range(i + 1, t)
+  ]
+  return jnp.clip(jnp.stack(cos), -1.0, 1.0)
 
 
-def stock_ratio(tv: jnp.ndarray, average: str = "cosine") -> jnp.ndarray:
+def stock_ratio(tv, average: str = "cosine") -> jnp.ndarray:
   """Model Stock's interpolation ratio ``t = k·cos / (1 + (k−1)·cos)``.
 
   ``cos`` is the mean pairwise cosine (``average="cosine"``, MergeKit) or the
   cosine of the mean pairwise angle (``"angle"``, FusionBench / the official
   notebook for ``k > 2``).
   """
-  k = tv.shape[0]
-  c = pairwise_cosines(tv)
-  iu = jnp.triu_indices(k, 1)
-  pairs = c[iu]
+  k = len(tv)
+  pairs = pairwise_cosines(tv)
   if average == "angle":
     cos = jnp.cos(jnp.mean(jnp.arccos(pairs)))
   else:
@@ -45,7 +47,7 @@ def stock_ratio(tv: jnp.ndarray, average: str = "cosine") -> jnp.ndarray:
 def _stock_leaf(static, tv, ctx):
   (average,) = static
   t = stock_ratio(tv, average)
-  return _core.scalar_scale(ctx, "model_stock") * t * jnp.mean(tv, axis=0)
+  return _core.scalar_scale(ctx, "model_stock") * t * _core.tmean(tv)
 
 
 def model_stock(average: str = "cosine") -> _core.Merger:
@@ -96,9 +98,9 @@ def slerp_arrays(
 
 def _slerp_leaf(static, tv, ctx):
   (space,) = static
-  t = jnp.asarray(ctx.coeffs["t"], tv.dtype)
+  t = jnp.asarray(ctx.coeffs["t"], tv[0].dtype)
   if space == "params":
-    pre = ctx.pre.astype(tv.dtype)
+    pre = ctx.pre.astype(tv[0].dtype)
     out = slerp_arrays(t, pre + tv[0], pre + tv[1]) - pre
   else:
     out = slerp_arrays(t, tv[0], tv[1])

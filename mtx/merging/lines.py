@@ -93,7 +93,7 @@ def _leaf(static, tv, ctx):
   base = static[0]
   g = ctx.glob
   inner = ctx._replace(
-      glob=g["base"], stats=ctx.stats["base"], scale=jnp.ones((), tv.dtype)
+      glob=g["base"], stats=ctx.stats["base"], scale=jnp.ones((), tv[0].dtype)
   )
   merged = base.leaf_fn(base.static, tv, inner)
   alpha = ctx.coeffs["alpha"]
@@ -103,9 +103,12 @@ def _leaf(static, tv, ctx):
   return _core.scalar_scale(ctx, "lines") * s * merged
 
 
-@jax.jit
-def _l1_pair(tv, merged):
-  return jnp.sum(jnp.abs(jnp.sum(tv, axis=0))), jnp.sum(jnp.abs(merged))
+def _l1_terms(base, tv, coeffs, glob, stats):
+  """Elementwise ``|Σt τt|`` and ``|τ_merged|`` of one leaf."""
+  ctx = _core.Ctx(
+      glob, stats, jnp.ones((), tv[0].dtype), coeffs, None, None, None, None
+  )
+  return jnp.abs(_core.tsum(tv)), jnp.abs(base.leaf_fn(base.static, tv, ctx))
 
 
 def _prepare(static, src: _core.Source, key):
@@ -127,20 +130,16 @@ def _prepare(static, src: _core.Source, key):
   if auto_alpha:
     num = den = 0.0
     for i in range(len(src)):
-      tv = src.leaf(i)
-      ctx = _core.Ctx(
+      a, b = src.run(
+          _l1_terms,
+          base,
+          i,
+          dict(base.coeffs),
           bstats.glob,
           per_leaf[i]["base"],
-          jnp.ones((), tv.dtype),
-          dict(base.coeffs),
-          None,
-          None,
-          None,
-          src.paths[i],
       )
-      a, b = _l1_pair(tv, base.leaf_fn(base.static, tv, ctx))
-      num += float(a)
-      den += float(b)
+      num += src.total(a)
+      den += src.total(b)
     g["alpha"] = np.float32(num / max(den, 1e-30) / src.num_tasks)
   return _core.Stats(g, per_leaf)
 

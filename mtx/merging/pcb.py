@@ -22,15 +22,10 @@ instead of the reference's NaN.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mtx.merging import _core
-
-
-def _col(x, nd):
-  return jnp.asarray(x).reshape((-1,) + (1,) * (nd - 1))
 
 
 def _minmax(x, lo, hi):
@@ -39,39 +34,53 @@ def _minmax(x, lo, hi):
 
 
 def _clamped(tv, g):
-  lo, hi = _col(g["lo"], tv.ndim), _col(g["hi"], tv.ndim)
-  a = jnp.clip(jnp.abs(tv), lo, hi)
-  return a, lo, hi
+  """``A_t = clip(|τt|, lo_t, hi_t)`` with the bounds, per task."""
+  t = len(tv)
+  lo, hi = _core.per_task(g["lo"], t), _core.per_task(g["hi"], t)
+  return [
+      (
+          jnp.clip(jnp.abs(x), a.astype(x.dtype), b.astype(x.dtype)),
+          a.astype(x.dtype),
+          b.astype(x.dtype),
+      )
+      for x, a, b in zip(tv, lo, hi)
+  ]
 
 
-def scores(tv: jax.Array, g) -> jax.Array:
-  """The balanced scores ``intra ⊙ inter`` of one leaf (``[T, ...]``)."""
-  t = tv.shape[0]
-  a, lo, hi = _clamped(tv, g)
-  intra = jnp.exp(t * _minmax(a, lo, hi) ** 2)
-  inter = jnp.tanh(tv * jnp.sum(tv, axis=0, keepdims=True))
-  return intra * inter
+def scores(g, tv: _core.Tasks) -> _core.Tasks:
+  """The balanced scores ``intra ⊙ inter`` of one leaf, per task."""
+  t = len(tv)
+  total = _core.tsum(tv)
+  return tuple(
+      jnp.exp(t * _minmax(a, lo, hi) ** 2) * jnp.tanh(x * total)
+      for x, (a, lo, hi) in zip(tv, _clamped(tv, g))
+  )
 
 
 def _leaf(static, tv, ctx):
   del static
   g = ctx.glob
-  a, _, _ = _clamped(tv, g)
-  s = scores(tv, g)
-  s_lo, s_hi = _col(g["s_lo"], tv.ndim), _col(g["s_hi"], tv.ndim)
-  w = _minmax(jnp.clip(s, s_lo, s_hi), s_lo, s_hi)
-  clamped = jnp.sign(tv) * a
-  num = jnp.sum(_core.scale_tasks(ctx.scale, clamped) * w, axis=0)
-  return num / jnp.maximum(jnp.sum(w, axis=0), 1e-12)
+  t = len(tv)
+  s_lo, s_hi = _core.per_task(g["s_lo"], t), _core.per_task(g["s_hi"], t)
+  ws = [
+      _minmax(
+          jnp.clip(s, a.astype(s.dtype), b.astype(s.dtype)),
+          a.astype(s.dtype),
+          b.astype(s.dtype),
+      )
+      for s, a, b in zip(scores(g, tv), s_lo, s_hi)
+  ]
+  clamped = [jnp.sign(x) * a for x, (a, _, _) in zip(tv, _clamped(tv, g))]
+  num = _core.tsum(
+      [c * w for c, w in zip(_core.scale_tasks(ctx.scale, clamped), ws)]
+  )
+  return num / jnp.maximum(_core.tsum(ws), 1e-12)
 
 
 def _rank_of_ascending(d: int, pos: int) -> int:
   """The descending rank (1-based) of ascending sorted position ``pos``."""
   pos = min(max(pos, 0), d - 1)
   return d - pos
-
-
-_scores_jit = jax.jit(scores)
 
 
 def _prepare(static, src: _core.Source, key=None):
@@ -82,15 +91,23 @@ def _prepare(static, src: _core.Source, key=None):
   k_lo = _rank_of_ascending(d, int(d * clamp))
   k_hi = _rank_of_ascending(d, int(d * (1 - clamp) - 1))
   g = {
-      "lo": src.global_kth_largest(np.full((t,), k_lo)),
-      "hi": src.global_kth_largest(np.full((t,), k_hi)),
+      "lo": np.asarray(src.global_kth_largest(np.full((t,), k_lo))),
+      "hi": np.asarray(src.global_kth_largest(np.full((t,), k_hi))),
   }
-  g = {k: jnp.asarray(v) for k, v in g.items()}
-  sc = src.with_transform(lambda i, tv: _scores_jit(tv, g))
   k_s = _rank_of_ascending(d, int(d * (1 - ratio)))
-  g["s_lo"] = jnp.asarray(sc.global_kth_largest(np.full((t,), k_s), False))
-  g["s_hi"] = jnp.asarray(sc.global_kth_largest(np.ones((t,), int), False))
+  sel = {"fn": _scores, "fstatic": None, "extra": (g,)}
+  g["s_lo"] = np.asarray(
+      src.global_kth_largest(np.full((t,), k_s), False, **sel)
+  )
+  g["s_hi"] = np.asarray(
+      src.global_kth_largest(np.ones((t,), int), False, **sel)
+  )
   return _core.Stats(g, None)
+
+
+def _scores(static, tv, g):
+  del static
+  return scores(g, tv)
 
 
 def pcb(ratio: float = 0.1, clamp: float = 1e-4) -> _core.Merger:

@@ -24,7 +24,7 @@ def polar(x: jnp.ndarray) -> jnp.ndarray:
 
 
 def tsv_merge_matrix(tv: jnp.ndarray) -> jnp.ndarray:
-  """TSV-M of one layer ``[T, m, n]``.
+  """TSV-M of one layer, ``tv`` stacked ``[T, m, n]``.
 
   Each task keeps its top ``k = int(min(m, n)/T)`` singular triplets; the
   concatenated ``U`` and ``V`` are replaced by their orthogonal polar factors
@@ -48,10 +48,10 @@ def tsv_merge_matrix(tv: jnp.ndarray) -> jnp.ndarray:
 
 def _tsvm_leaf(static, tv, ctx):
   del static
-  if tv.ndim == 3:
-    out = tsv_merge_matrix(tv)
+  if tv[0].ndim == 2:
+    out = tsv_merge_matrix(_core.stack(tv))
   else:
-    out = jnp.mean(tv, axis=0)
+    out = _core.tmean(tv)
   return _core.scalar_scale(ctx, "tsvm") * out
 
 
@@ -64,15 +64,15 @@ def tsvm() -> _core.Merger:
   return _core.Merger("tsvm", (), {}, _tsvm_leaf)
 
 
-def iso_matrix(tv: jnp.ndarray) -> jnp.ndarray:
+def iso_matrix(tv) -> jnp.ndarray:
   """ISO-C of one layer: ``mean(S)·U Vᵀ`` for ``U S Vᵀ = Σt τt``."""
-  u, s, vt = jnp.linalg.svd(jnp.sum(tv, axis=0), full_matrices=False)
+  u, s, vt = jnp.linalg.svd(_core.tsum(tv), full_matrices=False)
   return jnp.mean(s) * (u @ vt)
 
 
 def _iso_leaf(static, tv, ctx):
   del static
-  out = iso_matrix(tv) if tv.ndim == 3 else jnp.mean(tv, axis=0)
+  out = iso_matrix(tv) if tv[0].ndim == 2 else _core.tmean(tv)
   return _core.scalar_scale(ctx, "iso_c") * out
 
 

@@ -7,6 +7,8 @@ Reference:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,21 +35,24 @@ def num_kept(d: int, density: float, rule: str = "paper") -> int:
   return min(d, max(1, m))
 
 
-def trim(tv: jax.Array, thresholds: jax.Array) -> jax.Array:
-  """Zeroes entries with ``|τt| < thresholds[t]`` (``tv``: ``[T, ...]``)."""
-  thr = jnp.asarray(thresholds, tv.dtype).reshape((-1,) + (1,) * (tv.ndim - 1))
-  return jnp.where(jnp.abs(tv) >= thr, tv, 0)
+def trim(tv: _core.Tasks, thresholds) -> _core.Tasks:
+  """Zeroes entries with ``|τt| < thresholds[t]`` (one array per task)."""
+  thr = _core.per_task(thresholds, len(tv))
+  return tuple(
+      jnp.where(jnp.abs(x) >= jnp.asarray(h, x.dtype), x, 0)
+      for x, h in zip(tv, thr)
+  )
 
 
-def raw_sign(trimmed: jax.Array, method: str = "mass") -> jax.Array:
+def raw_sign(trimmed: _core.Tasks, method: str = "mass") -> jax.Array:
   """``sign(Σt τt)`` ("mass", the paper) or ``sign(Σt sign τt)`` ("count")."""
   if method == "mass":
-    return jnp.sign(jnp.sum(trimmed, axis=0))
-  return jnp.sign(jnp.sum(jnp.sign(trimmed), axis=0))
+    return jnp.sign(_core.tsum(trimmed))
+  return jnp.sign(_core.tsum([jnp.sign(x) for x in trimmed]))
 
 
 def elect_sign(
-    trimmed: jax.Array, method: str = "mass", zero_sign: jax.Array | float = 1.0
+    trimmed: _core.Tasks, method: str = "mass", zero_sign=1.0
 ) -> jax.Array:
   """The elected sign γ; entries whose sum is 0 take ``zero_sign``.
 
@@ -59,7 +64,7 @@ def elect_sign(
 
 
 def disjoint_merge(
-    trimmed: jax.Array, sign: jax.Array, reduce: str = "mean"
+    trimmed: _core.Tasks, sign: jax.Array, reduce: str = "mean"
 ) -> jax.Array:
   """Combines the entries that agree with ``sign``; zeros never count.
 
@@ -68,14 +73,16 @@ def disjoint_merge(
   ``"mean"`` divides by ``max(count, 1)``; ``"sum"`` adds; ``"max"`` takes the
   largest magnitude with the elected sign.
   """
-  keep = jnp.where(sign[None] > 0, trimmed > 0, trimmed < 0)
-  sel = jnp.where(keep, trimmed, 0)
+  pos = sign > 0
+  keep = [jnp.where(pos, x > 0, x < 0) for x in trimmed]
+  sel = [jnp.where(k, x, 0) for k, x in zip(keep, trimmed)]
   if reduce == "sum":
-    return jnp.sum(sel, axis=0)
+    return _core.tsum(sel)
   if reduce == "max":
-    return jnp.max(jnp.abs(sel), axis=0) * sign
-  count = jnp.sum(keep, axis=0).astype(trimmed.dtype)
-  return jnp.sum(sel, axis=0) / jnp.maximum(count, 1)
+    return functools.reduce(jnp.maximum, [jnp.abs(x) for x in sel]) * sign
+  dt = trimmed[0].dtype
+  count = _core.tsum([k.astype(dt) for k in keep])
+  return _core.tsum(sel) / jnp.maximum(count, 1)
 
 
 def _thresholds(static, ctx):
@@ -104,14 +111,8 @@ def _leaf(static, tv, ctx):
   return _core.scalar_scale(ctx, "ties") * merged_unscaled(static, tv, ctx)
 
 
-@jax.jit
-def _raw_sign_sum_mass(tv, thr):
-  return jnp.sum(raw_sign(tv if thr is None else trim(tv, thr), "mass"))
-
-
-@jax.jit
-def _raw_sign_sum_count(tv, thr):
-  return jnp.sum(raw_sign(tv if thr is None else trim(tv, thr), "count"))
+def _raw_sign(method, tv, thr):
+  return raw_sign(tv if thr is None else trim(tv, thr), method)
 
 
 def prepare(static, src: _core.Source, key=None) -> _core.Stats:
@@ -119,16 +120,17 @@ def prepare(static, src: _core.Source, key=None) -> _core.Stats:
   del key
   density, sign, _, scope, rule, zero_sign = static
   t = src.num_tasks
-  sign_sum = _raw_sign_sum_mass if sign == "mass" else _raw_sign_sum_count
   glob, per_leaf = {}, [dict() for _ in range(len(src))]
   if density < 1.0:
     if scope == "global":
       k = num_kept(sum(src.sizes), density, rule)
-      glob["thr"] = src.global_kth_largest(np.full((t,), k))
+      glob["thr"] = np.asarray(src.global_kth_largest(np.full((t,), k)))
     else:
       for i, n in enumerate(src.sizes):
         k = num_kept(n, density, rule)
-        per_leaf[i]["thr"] = src.leaf_kth_largest(i, np.full((t,), k))
+        per_leaf[i]["thr"] = np.asarray(
+            src.leaf_kth_largest(i, np.full((t,), k))
+        )
   if zero_sign == "majority":
     total = 0.0
     for i in range(len(src)):
@@ -137,10 +139,10 @@ def prepare(static, src: _core.Source, key=None) -> _core.Stats:
           if density >= 1.0
           else (glob["thr"] if scope == "global" else per_leaf[i]["thr"])
       )
-      s = float(sign_sum(src.leaf(i), thr))
+      s = src.total(src.run(_raw_sign, sign, i, thr))
       total += s
-      per_leaf[i]["majority"] = np.sign(s)
-    glob["majority"] = np.sign(total)
+      per_leaf[i]["majority"] = np.float32(np.sign(s))
+    glob["majority"] = np.float32(np.sign(total))
   return _core.Stats(glob, tuple(per_leaf))
 
 
