@@ -34,8 +34,10 @@ def _finetuned(pre, n=T, seed=1, dtype=jnp.float32):
       jax.tree.map(
           lambda x, i=i: (
               x.astype(jnp.float32)
-              + 0.3 * jax.random.normal(
-                  jax.random.fold_in(jax.random.key(seed), i), x.shape)
+              + 0.3
+              * jax.random.normal(
+                  jax.random.fold_in(jax.random.key(seed), i), x.shape
+              )
           ).astype(dtype),
           pre,
       )
@@ -71,8 +73,11 @@ ALL = sorted(mtx.merging.METHODS)
 def _close(a, b, tol=1e-5):
   for p, x, y in zip(mtree.paths(a), jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(
-        np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=tol,
-        atol=tol, err_msg=p,
+        np.asarray(x, np.float32),
+        np.asarray(y, np.float32),
+        rtol=tol,
+        atol=tol,
+        err_msg=p,
     )
 
 
@@ -127,8 +132,9 @@ def test_identical_models_under_iso_c_keep_singular_directions(pre):
   out = _merge("iso_c", pre, [ft] * T)
   tau = mtx.task_vectors.task_vector(pre, ft)
   got = mtx.task_vectors.task_vector(pre, out)["encoder"]["layers_0"]["kernel"]
-  u, s, vt = np.linalg.svd(T * np.asarray(tau["encoder"]["layers_0"]["kernel"]),
-                           full_matrices=False)
+  u, s, vt = np.linalg.svd(
+      T * np.asarray(tau["encoder"]["layers_0"]["kernel"]), full_matrices=False
+  )
   np.testing.assert_allclose(got, s.mean() * u @ vt, rtol=1e-4, atol=1e-5)
 
 
@@ -160,7 +166,8 @@ def test_combine_jit_equals_eager(name, pre):
   eager = merger.combine(tvs, stats, scale=0.8, key=key, pretrained=pre)
   jitted = jax.jit(
       lambda tvs, stats, s, pre: merger.combine(
-          tvs, stats, scale=s, key=key, pretrained=pre)
+          tvs, stats, scale=s, key=key, pretrained=pre
+      )
   )(tvs, stats, 0.8, pre)
   _close(eager, jitted, 1e-5)
 
@@ -199,7 +206,8 @@ def test_bfloat16_in_bfloat16_out(name):
     assert x.dtype == jnp.bfloat16
   # Same result (to bf16 precision) as merging the float32 upcasts.
   ref = _merge(
-      name, jax.tree.map(lambda x: x.astype(jnp.float32), pre),
+      name,
+      jax.tree.map(lambda x: x.astype(jnp.float32), pre),
       [jax.tree.map(lambda x: x.astype(jnp.float32), f) for f in fts],
   )
   _close(out, ref, 5e-2)
@@ -218,10 +226,13 @@ def test_inputs_are_not_modified_and_stay_usable(name, pre):
 def test_leaves_left_out_keep_the_pretrained_arrays(pre):
   fts = _finetuned(pre, T)
   out = mtx.merging.merge(pre, fts, "ties", exclude=[r"^encoder/layers_1"])
-  assert out["encoder"]["layers_1"]["kernel"] is pre["encoder"]["layers_1"][
-      "kernel"]
-  assert not np.allclose(out["encoder"]["layers_0"]["kernel"],
-                         pre["encoder"]["layers_0"]["kernel"])
+  assert (
+      out["encoder"]["layers_1"]["kernel"]
+      is pre["encoder"]["layers_1"]["kernel"]
+  )
+  assert not np.allclose(
+      out["encoder"]["layers_0"]["kernel"], pre["encoder"]["layers_0"]["kernel"]
+  )
   inc = mtx.merging.merge(pre, fts, "ties", include="kernel$")
   assert inc["logit_scale"] is pre["logit_scale"]
 
@@ -231,7 +242,8 @@ def test_global_threshold_is_over_included_leaves_only(pre):
   a = mtx.merging.merge(pre, fts, "ties", include="layers_0/kernel")
   b = mtx.merging.merge(
       {"k": pre["encoder"]["layers_0"]["kernel"]},
-      [{"k": f["encoder"]["layers_0"]["kernel"]} for f in fts], "ties",
+      [{"k": f["encoder"]["layers_0"]["kernel"]} for f in fts],
+      "ties",
   )
   np.testing.assert_allclose(a["encoder"]["layers_0"]["kernel"], b["k"])
 
@@ -254,8 +266,9 @@ def test_scale_sweep_is_one_vmapped_program(pre):
   stats = ties.prepare(tvs)
   scales = jnp.linspace(0.1, 1.0, 4)
   sweep = jax.jit(
-      jax.vmap(lambda tvs, s: ties.combine(tvs, stats, scale=s),
-               in_axes=(None, 0))
+      jax.vmap(
+          lambda tvs, s: ties.combine(tvs, stats, scale=s), in_axes=(None, 0)
+      )
   )
   lowered = sweep.lower(tvs, scales)
   assert lowered.compile() is not None  # one program for the whole grid
@@ -263,8 +276,9 @@ def test_scale_sweep_is_one_vmapped_program(pre):
   for i, s in enumerate(scales):
     want = mtx.merging.merge(pre, fts, "ties", density=0.5, scale=float(s))
     _close(
-        jax.tree.map(lambda x: x[i], out),
-        mtx.task_vectors.task_vector(pre, want), 1e-5,
+        jax.tree.map(lambda x, i=i: x[i], out),
+        mtx.task_vectors.task_vector(pre, want),
+        1e-5,
     )
   # and through merge() itself under vmap
   vm = jax.vmap(
@@ -285,8 +299,11 @@ def test_grad_reaches_the_scale(pre):
   g = jax.grad(loss)(jnp.full((T,), 0.5))
   eps = 1e-3
   fd = [
-      (loss(jnp.full((T,), 0.5).at[i].add(eps))
-       - loss(jnp.full((T,), 0.5).at[i].add(-eps))) / (2 * eps)
+      (
+          loss(jnp.full((T,), 0.5).at[i].add(eps))
+          - loss(jnp.full((T,), 0.5).at[i].add(-eps))
+      )
+      / (2 * eps)
       for i in range(T)
   ]
   np.testing.assert_allclose(g, fd, rtol=1e-2)
@@ -310,8 +327,11 @@ def test_x64_run():
       "print('ok')\n"
   )
   r = subprocess.run(
-      [sys.executable, "-c", code], capture_output=True, text=True,
-      env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300,
+      [sys.executable, "-c", code],
+      capture_output=True,
+      text=True,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+      timeout=300,
   )
   assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
 
@@ -324,20 +344,23 @@ def test_errors_on_structure_shape_dtype(pre):
   fts = _finetuned(pre, T)
   missing = dict(fts[0])
   del missing["logit_scale"]
-  with pytest.raises(ValueError, match="finetuned\\[1\\] is missing leaf "
-                     "'logit_scale'"):
+  with pytest.raises(
+      ValueError, match="finetuned\\[1\\] is missing leaf " "'logit_scale'"
+  ):
     mtx.merging.merge(pre, [fts[0], missing], "average")
   extra = {**fts[0], "new": jnp.zeros(2)}
   with pytest.raises(ValueError, match="extra leaf 'new'"):
     mtx.merging.merge(pre, [extra], "average")
   bad = jax.tree.map(lambda x: x, fts[0])
   bad["encoder"]["layers_0"]["kernel"] = jnp.zeros((5, 6))
-  with pytest.raises(ValueError, match="shape mismatch at "
-                     "'encoder/layers_0/kernel'"):
+  with pytest.raises(
+      ValueError, match="shape mismatch at " "'encoder/layers_0/kernel'"
+  ):
     mtx.merging.merge(pre, [bad], "average")
   bad["encoder"]["layers_0"]["kernel"] = jnp.zeros((6, 5), jnp.bfloat16)
-  with pytest.raises(ValueError, match="dtype mismatch at "
-                     "'encoder/layers_0/kernel'"):
+  with pytest.raises(
+      ValueError, match="dtype mismatch at " "'encoder/layers_0/kernel'"
+  ):
     mtx.merging.merge(pre, [bad], "average")
 
 
@@ -356,12 +379,16 @@ def test_errors_on_nan_and_inf(pre):
   fts = _finetuned(pre, 2)
   bad = jax.tree.map(lambda x: x, fts[1])
   bad["encoder"]["layers_1"]["kernel"] = (
-      bad["encoder"]["layers_1"]["kernel"].at[0, 0].set(jnp.nan))
-  with pytest.raises(ValueError, match="finetuned\\[1\\] has NaN or Inf at "
-                     "'encoder/layers_1/kernel'"):
+      bad["encoder"]["layers_1"]["kernel"].at[0, 0].set(jnp.nan)
+  )
+  with pytest.raises(
+      ValueError,
+      match="finetuned\\[1\\] has NaN or Inf at " "'encoder/layers_1/kernel'",
+  ):
     mtx.merging.merge(pre, [fts[0], bad], "ties")
   bad["encoder"]["layers_1"]["kernel"] = (
-      bad["encoder"]["layers_1"]["kernel"].at[0, 0].set(jnp.inf))
+      bad["encoder"]["layers_1"]["kernel"].at[0, 0].set(jnp.inf)
+  )
   with pytest.raises(ValueError, match="NaN or Inf"):
     mtx.merging.merge(pre, [fts[0], bad], "average")
   # switchable off
@@ -387,7 +414,8 @@ def test_errors_on_empty_and_unknown(pre):
     mtx.merging.merge(pre, [pre], "ties", densty=0.2)
   with pytest.raises(ValueError, match="unknown coefficient"):
     mtx.merging.get("slerp").combine(
-        mtree.stack([pre, pre]), pretrained=pre, q=1.0)
+        mtree.stack([pre, pre]), pretrained=pre, q=1.0
+    )
   with pytest.raises(ValueError, match="reduce must be one of"):
     mtx.merging.get("ties", reduce="median")
   with pytest.raises(ValueError, match="finetuned must be a list"):

@@ -483,5 +483,6 @@ def test_assert_same_structure_dtype_mismatch_and_names():
 def test_assert_same_structure_container_type_differs():
   # same paths ("0", "1") but list vs tuple containers
   with pytest.raises(ValueError, match="tree structure differs"):
-    mtree.assert_same_structure([jnp.zeros(1), jnp.zeros(1)],
-                                (jnp.zeros(1), jnp.zeros(1)))
+    mtree.assert_same_structure(
+        [jnp.zeros(1), jnp.zeros(1)], (jnp.zeros(1), jnp.zeros(1))
+    )
