@@ -4,12 +4,14 @@ Modules:
   tree: path-aware pytree math.
   task_vectors: task vectors, their algebra, masks and compression.
   merging: every training-free merging method behind one registry.
+  sharding: mesh helpers; path rules to NamedSharding trees.
 """
 
 from mtx import merging
+from mtx import sharding
 from mtx import task_vectors
 from mtx import tree
 
 __version__ = "0.1.0"
 
-__all__ = ["merging", "task_vectors", "tree", "__version__"]
+__all__ = ["merging", "sharding", "task_vectors", "tree", "__version__"]

@@ -64,6 +64,7 @@ def global_kth_largest_host(
     leaf: Callable[[int], Sequence[np.ndarray]],
     sizes: Sequence[int],
     k: np.ndarray,
+    sample: Callable[[int, int], Sequence[np.ndarray]] | None = None,
 ) -> np.ndarray:
   """Per-task k-th largest value over all leaves, on the host.
 
@@ -72,9 +73,12 @@ def global_kth_largest_host(
       (called up to three times per leaf; recomputing it is fine).
     sizes: the number of entries per task of each leaf.
     k: ``[T]`` 1-based ranks.
+    sample: ``sample(i, stride)`` returns ``leaf(i)``'s flattened values at
+      ``::stride`` (cheaper than computing the whole leaf); by default sliced
+      from ``leaf(i)``.
 
   Returns:
-    ``[T]`` thresholds (numpy, the values' dtype).
+    ``[T]`` thresholds (numpy float64; the values themselves, exactly).
   """
   k = np.asarray(k, np.int64)
   t = k.shape[0]
@@ -89,13 +93,19 @@ def global_kth_largest_host(
       for j, x in enumerate(leaf(i)):
         per_task[j].append(_host(x))
     return np.array(
-        [_kth_largest_np(np.concatenate(per_task[j]), k[j]) for j in range(t)]
+        [_kth_largest_np(np.concatenate(per_task[j]), k[j]) for j in range(t)],
+        np.float64,
     )
   stride = max(1, n // _SAMPLE)
   samples = [[] for _ in range(t)]
   for i in range(num_leaves):
-    for j, x in enumerate(leaf(i)):
-      samples[j].append(_host(x)[::stride].copy())
+    xs = (
+        [_host(x)[::stride] for x in leaf(i)]
+        if sample is None
+        else [_host(x) for x in sample(i, stride)]
+    )
+    for j, x in enumerate(xs):
+      samples[j].append(x.copy())
   lo = np.empty(t)
   hi = np.empty(t)
   for j in range(t):
@@ -209,10 +219,11 @@ def global_kth_largest(
     sizes: Sequence[int],
     k: np.ndarray,
     host: bool,
+    sample: Callable[[int, int], Sequence[jax.Array]] | None = None,
 ) -> np.ndarray | jax.Array:
   """Dispatches to the host or device backend (see module docstring)."""
   if host:
-    return global_kth_largest_host(leaf, sizes, k)
+    return global_kth_largest_host(leaf, sizes, k, sample)
   return global_kth_largest_device(
       [tuple(leaf(i)) for i in range(len(sizes))], jnp.asarray(k)
   )

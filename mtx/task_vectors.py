@@ -89,20 +89,28 @@ def negate(task_vector: PyTree) -> PyTree:
 
 
 def analogy(tv_a: PyTree, tv_b: PyTree, tv_c: PyTree) -> PyTree:
-  """``τC + (τB − τA)``: "A is to B as C is to ?"."""
-  return jax.tree.map(lambda a, b, c: c + (b - a), tv_a, tv_b, tv_c)
+  """``τC + (τB − τA)``: "A is to B as C is to ?" (float32 arithmetic)."""
+  return jax.tree.map(
+      lambda a, b, c: (_acc(c) + (_acc(b) - _acc(a))).astype(c.dtype),
+      tv_a,
+      tv_b,
+      tv_c,
+  )
 
 
 def _as_stacked(task_vectors) -> PyTree:
-  if isinstance(task_vectors, Sequence) and not isinstance(task_vectors, dict):
-    return mtree.stack(list(task_vectors))
+  # Only a list means "one tree per task"; tuples (and NamedTuples) are
+  # ordinary pytree containers of a stacked tree.
+  if isinstance(task_vectors, list):
+    return mtree.stack(task_vectors)
   return task_vectors
 
 
 def cosine_matrix(task_vectors: Sequence[PyTree] | PyTree) -> jax.Array:
   """The ``[T, T]`` cosine similarities of task vectors (flattened whole).
 
-  Accepts a list of task vectors or a stacked tree.
+  Accepts a list of task vectors or a stacked tree (any other container,
+  tuples included, is read as a stacked tree).
   """
   stacked = _as_stacked(task_vectors)
   leaves = jax.tree.leaves(stacked)
@@ -225,10 +233,8 @@ def pack_mask(mask: PyTree) -> dict[str, Any]:
 
 def unpack_mask(packed: dict[str, Any]) -> PyTree:
   """Inverse of :func:`pack_mask` (boolean jax arrays)."""
-  shapes_leaves, treedef = jax.tree.flatten(
-      packed["shapes"], is_leaf=lambda x: isinstance(x, tuple)
-  )
-  bits = treedef.flatten_up_to(packed["bits"])
+  bits, treedef = jax.tree.flatten(packed["bits"])
+  shapes_leaves = treedef.flatten_up_to(packed["shapes"])
   out = []
   for b, s in zip(bits, shapes_leaves):
     n = int(np.prod(s))

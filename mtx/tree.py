@@ -182,8 +182,12 @@ def sub(a: PyTree, b: PyTree) -> PyTree:
 
 
 def add(a: PyTree, *rest: PyTree) -> PyTree:
-  """``a + b + ...`` leaf by leaf."""
-  return jax.tree.map(lambda x, *ys: sum(ys, start=x), a, *rest)
+  """``a + b + ...`` leaf by leaf (in float32, cast to ``a``'s dtype)."""
+  return jax.tree.map(
+      lambda x, *ys: sum((_acc(y) for y in ys), start=_acc(x)).astype(x.dtype),
+      a,
+      *rest,
+  )
 
 
 def scale(s: jax.typing.ArrayLike, a: PyTree) -> PyTree:

@@ -36,19 +36,15 @@ def make_params(key):
   }
 
 
-SPECS = {
-    "layers_0": {"kernel": P("data", "model"), "bias": P("model")},
-    "layers_1": {"kernel": P("model", "data")},
-    "scale": P(),
-}
+RULES = [
+    (r"layers_0/kernel$", P("data", "model")),
+    (r"bias$", P("model")),
+    (r"layers_1/kernel$", P("model", "data")),
+]
 
 
 def shard(tree, mesh):
-  return jax.tree.map(
-      lambda x, s: jax.device_put(x, jax.sharding.NamedSharding(mesh, s)),
-      tree,
-      SPECS,
-  )
+  return mtx.sharding.shard(tree, mesh, RULES)
 
 
 def hparams(name, fts):
@@ -85,7 +81,10 @@ def main() -> int:
         "explicit": (jax.sharding.AxisType.Explicit,) * 2,
         "auto": (jax.sharding.AxisType.Auto,) * 2,
     }[axis_type]
-    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=types)
+    mesh = mtx.sharding.make_mesh(
+        (4, 2), ("data", "model"), explicit=axis_type == "explicit"
+    )
+    assert mesh.axis_types == types
     pre_s = shard(base, mesh)
     fts_s = [shard(f, mesh) for f in fts]
     for name in mtx.merging.METHODS:
@@ -137,6 +136,15 @@ def main() -> int:
         print(f"FAIL select k={k} abs={absolute}: host {host} device {dev}")
       else:
         print(f"ok   select k={k} abs={absolute}")
+  # Rules that do not fit a leaf are rejected with its path.
+  try:
+    mtx.sharding.shard(base, mesh, [(r"^scale$", P("d"))])
+    failures += 1
+    print("FAIL sharding rule check: no error")
+  except ValueError as e:
+    ok = "'scale'" in str(e)
+    failures += not ok
+    print(("ok  " if ok else "FAIL") + f" sharding rule check: {e}")
   print("passed" if not failures else f"{failures} failures")
   return 1 if failures else 0
 

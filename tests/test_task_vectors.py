@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -167,6 +168,18 @@ def test_analogy():
   np.testing.assert_array_equal(tvs.analogy(a, b, c)["x"], [1.0, 3.0])
 
 
+def test_analogy_bfloat16_computes_in_float32():
+  # DESIGN: arithmetic in float32, result in the params' dtype.
+  # float32: -255 + (256 - (-1)) = 2, representable in bf16 -> 2.
+  # bf16 step by step: 256 + 1 = 257 -> 256 (spacing 2), -255 + 256 = 1.
+  a = {"x": jnp.array([-1.0], BF16)}
+  b = {"x": jnp.array([256.0], BF16)}
+  c = {"x": jnp.array([-255.0], BF16)}
+  out = tvs.analogy(a, b, c)
+  assert out["x"].dtype == BF16
+  assert float(out["x"][0]) == 2.0
+
+
 # ----------------------------------------------------------------------------
 # cosine_matrix.
 
@@ -211,6 +224,31 @@ def test_cosine_matrix_against_numpy_list_and_stacked():
   np.testing.assert_allclose(got_list, want, atol=1e-5)
   np.testing.assert_allclose(np.diag(got_list), np.ones(t), atol=1e-6)
   np.testing.assert_allclose(got_list, got_list.T, atol=1e-7)
+
+
+class _Layer(NamedTuple):
+  w: object
+  b: object
+
+
+def test_stacked_tree_with_namedtuple_root():
+  # A stacked tree whose root is a NamedTuple (a legitimate params pytree)
+  # is a stacked tree, not a list of task vectors.
+  # τ0 = (w [1, 0], b [0]), τ1 = (w [1, 1], b [0]), τ2 = (w [0, 0], b [2])
+  stacked = _Layer(
+      w=jnp.array([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]]),
+      b=jnp.array([[0.0], [0.0], [2.0]]),
+  )
+  r = 1 / math.sqrt(2)
+  np.testing.assert_allclose(
+      tvs.cosine_matrix(stacked),
+      [[1, r, 0], [r, 1, 0], [0, 0, 1]],
+      atol=1e-6,
+  )
+  mtl = tvs.multitask_vector(stacked)
+  assert isinstance(mtl, _Layer)
+  np.testing.assert_array_equal(mtl.w, [2.0, 1.0])
+  np.testing.assert_array_equal(mtl.b, [2.0])
 
 
 def test_cosine_matrix_zero_vector_gives_zero_not_nan():
@@ -343,7 +381,8 @@ def test_tall_masks_stacked_input_and_explicit_mtl():
       tvs.tall_masks(stacked, tall_lambda=0.5)["w"],
       tvs.tall_masks(lst, tall_lambda=0.5)["w"],
   )
-  # explicit mtl = [1, 2, 0.5, -1] = τ1: m1 = |τ1| > 0.5·0 (true where τ1 != 0)
+  # explicit mtl = [1, 2, 0.5, -1] = τ1:
+  # m1 = |τ1| > 0.5·0 (true where τ1 != 0)
   # m2 = |τ2| > 0.5|τ1 − τ2| = [2 > 0.5, 1 > 1.5, 0.5 > 0, 1 > 1]
   m = tvs.tall_masks(lst, mtl=lst[0], tall_lambda=0.5)
   np.testing.assert_array_equal(

@@ -132,7 +132,8 @@ def test_add_values_and_dtypes():
 def test_add_bfloat16_accumulates_in_float32():
   # bf16 has 8 significant bits: spacing at 256 is 2.
   # In float32: 256 + 1 + 1 = 258, representable in bf16 -> 258.
-  # In bf16 step by step: 256 + 1 = 257 -> rounds (to even) to 256, twice -> 256.
+  # In bf16 step by step: 256 + 1 = 257 -> rounds (to even) to 256, and
+  # again -> 256.
   a = {"x": jnp.array([256.0], BF16)}
   one = {"x": jnp.array([1.0], BF16)}
   out = mtree.add(a, one, one)

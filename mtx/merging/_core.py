@@ -165,9 +165,15 @@ def _identity(static, tv):
   return tv
 
 
-def _abs(static, tv):
-  del static
-  return tuple(jnp.abs(x) for x in tv)
+def _values_of(static, tv, *extra):
+  """``fn(fstatic, tv, *extra)``, optionally ``abs``-ed and strided."""
+  fn, fstatic, absolute, stride = static
+  out = fn(fstatic, tv, *extra)
+  if absolute:
+    out = tuple(jnp.abs(x) for x in out)
+  if stride is not None:  # fused: only the sampled entries are computed
+    out = tuple(x.ravel()[::stride] for x in out)
+  return out
 
 
 class Source:
@@ -234,9 +240,13 @@ class Source:
 
   def _values(self, i: int, absolute: bool, fn=None, fstatic=None, extra=()):
     if fn is None:
-      return self.run(_abs if absolute else _identity, None, i)
-    out = self.run(fn, fstatic, i, *extra)
-    return tuple(jnp.abs(x) for x in out) if absolute else out
+      fn = _identity
+    return self.run(_values_of, (fn, fstatic, absolute, None), i, *extra)
+
+  def _sample(self, i, stride, absolute, fn=None, fstatic=None, extra=()):
+    if fn is None:
+      fn = _identity
+    return self.run(_values_of, (fn, fstatic, absolute, stride), i, *extra)
 
   def global_kth_largest(
       self, k, absolute: bool = True, *, fn=None, fstatic=None, extra=()

@@ -133,15 +133,15 @@ def dare(
   if then == "dare":
     raise ValueError("then='dare' would drop twice")
   base = merging.get(then, **then_hparams)
-  if base.needs_pretrained or base.data:
-    raise ValueError(f"DARE cannot wrap {then!r}")
   return _core.Merger(
       f"dare_{then}",
       (p, bool(rescale), mode, base),
       dict(base.coeffs),
       _leaf,
       _prepare,
+      data=base.data,
       needs_key=mode == "random" and p > 0,
+      needs_pretrained=base.needs_pretrained,
       per_task_scale=base.per_task_scale,
       min_tasks=base.min_tasks,
       max_tasks=base.max_tasks,

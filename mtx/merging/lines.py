@@ -174,14 +174,21 @@ def lines(
   if base == "lines":
     raise ValueError("lines cannot wrap itself")
   b = merging.get(base, **base_hparams)
-  if b.needs_key or b.needs_pretrained or b.data:
-    raise ValueError(f"lines cannot wrap {base!r}; use scale_by_depth")
+  if alpha is None and (b.needs_key or b.needs_pretrained or b.data):
+    raise ValueError(
+        f"lines(alpha=None) cannot compute the norm-matching alpha for "
+        f"{base!r}; pass alpha explicitly"
+    )
   return _core.Merger(
       "lines",
       (b, depth_fn, num_blocks, alpha is None),
       {"alpha": alpha, "beta": beta, **b.coeffs},
       _leaf,
       _prepare,
+      data=b.data,
+      needs_key=b.needs_key,
+      needs_pretrained=b.needs_pretrained,
+      per_task_scale=False,
       min_tasks=b.min_tasks,
       max_tasks=b.max_tasks,
   )
