@@ -72,16 +72,19 @@ def global_kth_largest_host(
     leaf: ``leaf(i)`` returns leaf ``i``'s values, one array per task
       (called up to three times per leaf; recomputing it is fine).
     sizes: the number of entries per task of each leaf.
-    k: ``[T]`` 1-based ranks.
+    k: ``[T]`` 1-based ranks, or ``[T, R]`` for ``R`` ranks per task found
+      in the same passes over the data.
     sample: ``sample(i, stride)`` returns ``leaf(i)``'s flattened values at
       ``::stride`` (cheaper than computing the whole leaf); by default sliced
       from ``leaf(i)``.
 
   Returns:
-    ``[T]`` thresholds (numpy float64; the values themselves, exactly).
+    Thresholds shaped like ``k`` (numpy float64; the values themselves).
   """
   k = np.asarray(k, np.int64)
-  t = k.shape[0]
+  shape = k.shape
+  k = k.reshape(shape[0], -1)  # [T, R]
+  t, nr = k.shape
   num_leaves = len(sizes)
   n = int(sum(sizes))
   if n == 0:
@@ -92,10 +95,12 @@ def global_kth_largest_host(
     for i in range(num_leaves):
       for j, x in enumerate(leaf(i)):
         per_task[j].append(_host(x))
-    return np.array(
-        [_kth_largest_np(np.concatenate(per_task[j]), k[j]) for j in range(t)],
-        np.float64,
-    )
+    out = np.empty((t, nr))
+    for j in range(t):
+      a = np.concatenate(per_task[j])
+      part = np.partition(a, sorted({n - int(r) for r in k[j]}))
+      out[j] = [part[n - int(r)] for r in k[j]]
+    return out.reshape(shape)
   stride = max(1, n // _SAMPLE)
   samples = [[] for _ in range(t)]
   for i in range(num_leaves):
@@ -106,35 +111,39 @@ def global_kth_largest_host(
     )
     for j, x in enumerate(xs):
       samples[j].append(x.copy())
-  lo = np.empty(t)
-  hi = np.empty(t)
+  lo = np.empty((t, nr))
+  hi = np.empty((t, nr))
   for j in range(t):
     smp = np.sort(np.concatenate(samples[j]))[::-1]  # descending
     m = smp.size
-    pos = k[j] / n * m  # expected 0-based position of the answer in smp
-    margin = 6.0 * np.sqrt(pos * (1 - pos / m) + 1.0) + 8
-    hi_i = int(np.floor(pos - margin))
-    lo_i = int(np.ceil(pos + margin))
-    hi[j] = np.inf if hi_i < 0 else smp[hi_i]
-    lo[j] = -np.inf if lo_i >= m else smp[lo_i]
+    for r in range(nr):
+      pos = k[j, r] / n * m  # expected 0-based position of the answer
+      margin = 6.0 * np.sqrt(pos * (1 - pos / m) + 1.0) + 8
+      hi_i = int(np.floor(pos - margin))
+      lo_i = int(np.ceil(pos + margin))
+      hi[j, r] = np.inf if hi_i < 0 else smp[hi_i]
+      lo[j, r] = -np.inf if lo_i >= m else smp[lo_i]
   del samples
-  above = np.zeros(t, np.int64)
-  cands = [[] for _ in range(t)]
+  above = np.zeros((t, nr), np.int64)
+  cands = [[[] for _ in range(nr)] for _ in range(t)]
   for i in range(num_leaves):
     for j, x in enumerate(leaf(i)):
       a = _host(x)
-      above[j] += np.count_nonzero(a > hi[j])
-      cands[j].append(a[(a >= lo[j]) & (a <= hi[j])])
-  out = np.empty(t)
+      for r in range(nr):
+        above[j, r] += np.count_nonzero(a > hi[j, r])
+        cands[j][r].append(a[(a >= lo[j, r]) & (a <= hi[j, r])])
+      del a, x
+  out = np.empty((t, nr))
   for j in range(t):
-    c = np.concatenate(cands[j])
-    r = k[j] - above[j]  # rank of the answer among the candidates
-    if 1 <= r <= c.size:
-      out[j] = _kth_largest_np(c, r)
-    else:  # the sample bracket missed: select among everything
-      allj = np.concatenate([_host(leaf(i)[j]) for i in range(num_leaves)])
-      out[j] = _kth_largest_np(allj, k[j])
-  return out
+    for r in range(nr):
+      c = np.concatenate(cands[j][r])
+      rank = k[j, r] - above[j, r]  # rank of the answer among candidates
+      if 1 <= rank <= c.size:
+        out[j, r] = _kth_largest_np(c, rank)
+      else:  # the sample bracket missed: select among everything
+        allj = np.concatenate([_host(leaf(i)[j]) for i in range(num_leaves)])
+        out[j, r] = _kth_largest_np(allj, k[j, r])
+  return out.reshape(shape)
 
 
 def _bits(a: jax.Array) -> jax.Array:
@@ -224,8 +233,16 @@ def global_kth_largest(
   """Dispatches to the host or device backend (see module docstring)."""
   if host:
     return global_kth_largest_host(leaf, sizes, k, sample)
-  return global_kth_largest_device(
-      [tuple(leaf(i)) for i in range(len(sizes))], jnp.asarray(k)
+  leaves = [tuple(leaf(i)) for i in range(len(sizes))]
+  k = np.asarray(k)
+  if k.ndim == 1:
+    return global_kth_largest_device(leaves, jnp.asarray(k))
+  return jnp.stack(
+      [
+          global_kth_largest_device(leaves, jnp.asarray(k[:, r]))
+          for r in range(k.shape[1])
+      ],
+      axis=1,
   )
 
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import mtx
 from mtx import _select
 
 # ----------------------------------------------------------------------------
@@ -399,3 +400,43 @@ def test_row_kth_device_under_jit_and_dispatcher():
   np.testing.assert_array_equal(_select.row_kth_largest(x, list(ks)), want)
   g = jax.jit(lambda v: _select.row_kth_largest(v, ks))
   np.testing.assert_array_equal(np.asarray(g(jnp.asarray(x))), want)
+
+
+def test_host_several_ranks_per_task_in_one_call():
+  # k of shape [T, R]: every rank equals its own single-rank selection, on
+  # both host paths (direct and sampled bracket).
+  rng = np.random.default_rng(11)
+  for n in (1000, 150_000):
+    leaves = [
+        [rng.normal(size=n // 2).astype(np.float32) for _ in range(2)],
+        [
+            np.round(rng.normal(size=n // 2), 1).astype(np.float32)
+            for _ in range(2)
+        ],
+    ]
+    k = np.array([[1, 7, n // 3, n], [2, n // 2, n - 1, 5]])
+    got = _select.global_kth_largest_host(
+        lambda i, lv=leaves: lv[i], [n // 2] * 2, k
+    )
+    assert got.shape == (2, 4)
+    for j in range(2):
+      desc = np.sort(np.concatenate([leaves[0][j], leaves[1][j]]))[::-1]
+      np.testing.assert_array_equal(got[j], desc[k[j] - 1])
+
+
+def test_merge_global_threshold_on_a_leaf_read_one_task_at_a_time():
+  # A leaf above _LAZY_ENTRIES is read task by task during selection; the
+  # TIES threshold must still be the exact global k-th largest |τ|.
+  from mtx.merging import _core
+
+  n = _core._LAZY_ENTRIES + 4096
+  rng = np.random.default_rng(12)
+  pre = {"big": jnp.zeros(n), "small": jnp.zeros(100)}
+  taus = [rng.normal(size=n + 100).astype(np.float32) for _ in range(2)]
+  fts = [{"big": jnp.asarray(t[:n]), "small": jnp.asarray(t[n:])} for t in taus]
+  merger = mtx.merging.get("ties", density=0.1)
+  tvs = mtx.tree.stack([mtx.task_vectors.task_vector(pre, f) for f in fts])
+  stats = merger.prepare(tvs)
+  k = int((n + 100) * 0.1)
+  for j, t in enumerate(taus):
+    assert stats.glob["thr"][j] == np.sort(np.abs(t))[::-1][k - 1]

@@ -165,10 +165,33 @@ def _identity(static, tv):
   return tv
 
 
+# Leaves at least this large are read one task at a time for selection.
+_LAZY_ENTRIES = 1 << 20
+
+
+class _LazyTasks(Sequence):
+  """``T`` per-task arrays computed when indexed (and freed after use)."""
+
+  def __init__(self, n: int, get: Callable[[int], jax.Array]):
+    self._n, self._get = n, get
+
+  def __len__(self) -> int:
+    return self._n
+
+  def __getitem__(self, j):
+    if isinstance(j, slice):
+      return [self._get(k) for k in range(self._n)[j]]
+    if not -self._n <= j < self._n:
+      raise IndexError(j)
+    return self._get(j % self._n)
+
+
 def _values_of(static, tv, *extra):
-  """``fn(fstatic, tv, *extra)``, optionally ``abs``-ed and strided."""
-  fn, fstatic, absolute, stride = static
+  """``fn(fstatic, tv, *extra)``, optionally ``abs``-ed, strided, one task."""
+  fn, fstatic, absolute, stride, task = static
   out = fn(fstatic, tv, *extra)
+  if task is not None:
+    out = (out[task],)
   if absolute:
     out = tuple(jnp.abs(x) for x in out)
   if stride is not None:  # fused: only the sampled entries are computed
@@ -241,12 +264,24 @@ class Source:
   def _values(self, i: int, absolute: bool, fn=None, fstatic=None, extra=()):
     if fn is None:
       fn = _identity
-    return self.run(_values_of, (fn, fstatic, absolute, None), i, *extra)
+    if self.sizes[i] < _LAZY_ENTRIES:
+      return self.run(
+          _values_of, (fn, fstatic, absolute, None, None), i, *extra
+      )
+    # A large leaf: one task at a time, so only one task's values are alive.
+    return _LazyTasks(
+        self.num_tasks,
+        lambda j: self.run(
+            _values_of, (fn, fstatic, absolute, None, j), i, *extra
+        )[0],
+    )
 
   def _sample(self, i, stride, absolute, fn=None, fstatic=None, extra=()):
     if fn is None:
       fn = _identity
-    return self.run(_values_of, (fn, fstatic, absolute, stride), i, *extra)
+    return self.run(
+        _values_of, (fn, fstatic, absolute, stride, None), i, *extra
+    )
 
   def global_kth_largest(
       self, k, absolute: bool = True, *, fn=None, fstatic=None, extra=()

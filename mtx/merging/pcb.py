@@ -90,18 +90,19 @@ def _prepare(static, src: _core.Source, key=None):
   t = src.num_tasks
   k_lo = _rank_of_ascending(d, int(d * clamp))
   k_hi = _rank_of_ascending(d, int(d * (1 - clamp) - 1))
-  g = {
-      "lo": np.asarray(src.global_kth_largest(np.full((t,), k_lo))),
-      "hi": np.asarray(src.global_kth_largest(np.full((t,), k_hi))),
-  }
+  lohi = np.asarray(src.global_kth_largest(np.tile([k_lo, k_hi], (t, 1))))
+  g = {"lo": lohi[:, 0], "hi": lohi[:, 1]}
   k_s = _rank_of_ascending(d, int(d * (1 - ratio)))
-  sel = {"fn": _scores, "fstatic": None, "extra": (g,)}
-  g["s_lo"] = np.asarray(
-      src.global_kth_largest(np.full((t,), k_s), False, **sel)
+  s = np.asarray(
+      src.global_kth_largest(
+          np.tile([k_s, 1], (t, 1)),
+          False,
+          fn=_scores,
+          fstatic=None,
+          extra=(g,),
+      )
   )
-  g["s_hi"] = np.asarray(
-      src.global_kth_largest(np.ones((t,), int), False, **sel)
-  )
+  g["s_lo"], g["s_hi"] = s[:, 0], s[:, 1]
   return _core.Stats(g, None)
 
 
