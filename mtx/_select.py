@@ -65,6 +65,7 @@ def global_kth_largest_host(
     sizes: Sequence[int],
     k: np.ndarray,
     sample: Callable[[int, int], Sequence[np.ndarray]] | None = None,
+    stream: Callable[[int], Sequence[np.ndarray]] | None = None,
 ) -> np.ndarray:
   """Per-task k-th largest value over all leaves, on the host.
 
@@ -77,6 +78,8 @@ def global_kth_largest_host(
     sample: ``sample(i, stride)`` returns ``leaf(i)``'s flattened values at
       ``::stride`` (cheaper than computing the whole leaf); by default sliced
       from ``leaf(i)``.
+    stream: like ``leaf`` for the counting pass, whose per-task arrays may be
+      views of one reused buffer (each is used before the next is asked for).
 
   Returns:
     Thresholds shaped like ``k`` (numpy float64; the values themselves).
@@ -126,13 +129,19 @@ def global_kth_largest_host(
   del samples
   above = np.zeros((t, nr), np.int64)
   cands = [[[] for _ in range(nr)] for _ in range(t)]
+  big = max(sizes)
+  m1, m2 = np.empty(big, bool), np.empty(big, bool)  # reused scratch masks
   for i in range(num_leaves):
-    for j, x in enumerate(leaf(i)):
-      a = _host(x)
+    xs = leaf(i) if stream is None else stream(i)
+    for j in range(t):
+      a = _host(xs[j])
+      b1, b2 = m1[: a.size], m2[: a.size]
       for r in range(nr):
-        above[j, r] += np.count_nonzero(a > hi[j, r])
-        cands[j][r].append(a[(a >= lo[j, r]) & (a <= hi[j, r])])
-      del a, x
+        above[j, r] += np.count_nonzero(np.greater(a, hi[j, r], out=b1))
+        np.greater_equal(a, lo[j, r], out=b1)
+        np.less_equal(a, hi[j, r], out=b2)
+        cands[j][r].append(a[np.logical_and(b1, b2, out=b1)])
+      del a
   out = np.empty((t, nr))
   for j in range(t):
     for r in range(nr):
@@ -229,10 +238,11 @@ def global_kth_largest(
     k: np.ndarray,
     host: bool,
     sample: Callable[[int, int], Sequence[jax.Array]] | None = None,
+    stream: Callable[[int], Sequence[jax.Array]] | None = None,
 ) -> np.ndarray | jax.Array:
   """Dispatches to the host or device backend (see module docstring)."""
   if host:
-    return global_kth_largest_host(leaf, sizes, k, sample)
+    return global_kth_largest_host(leaf, sizes, k, sample, stream)
   leaves = [tuple(leaf(i)) for i in range(len(sizes))]
   k = np.asarray(k)
   if k.ndim == 1:

@@ -139,7 +139,7 @@ def prepare(static, src: _core.Source, key=None) -> _core.Stats:
           if density >= 1.0
           else (glob["thr"] if scope == "global" else per_leaf[i]["thr"])
       )
-      s = src.total(src.run(_raw_sign, sign, i, thr))
+      s = src.sum_of(_raw_sign, sign, i, thr)
       total += s
       per_leaf[i]["majority"] = np.float32(np.sign(s))
     glob["majority"] = np.float32(np.sign(total))
