@@ -17,6 +17,14 @@ import pytest
 import mtx
 from mtx import _select
 
+
+@pytest.fixture(autouse=True)
+def _bracket_above_64k(monkeypatch):
+  # These tests exercise the sampled bracket on ~200k-entry inputs; the
+  # library's own crossover to it is higher.
+  monkeypatch.setattr(_select, "_DIRECT", 1 << 16)
+
+
 # ----------------------------------------------------------------------------
 # Helpers.
 

@@ -14,8 +14,9 @@ A method is written as two pure pieces:
   memory it needs is one leaf's ``[T, ...]`` task vectors at a time; on host
   arrays it uses numpy selection, on sharded arrays jitted reductions.
 * ``leaf(static, tv, ctx)``: the merged task vector of one leaf from its
-  stacked task vectors ``tv`` (``[T, ...]``, float32 or float64) and the
-  context ``ctx`` (statistics, coefficients, per-leaf key, pretrained leaf).
+  task vectors ``tv`` (a tuple of ``T`` arrays, float32 or float64; see
+  ``Tasks``) and the context ``ctx`` (statistics, coefficients, per-leaf key,
+  pretrained leaf).
 
 :func:`merge` runs ``leaf`` fused with the task-vector subtraction and the
 final ``pretrained + merged`` in one jitted kernel per leaf, so peak memory
@@ -154,18 +155,18 @@ class Transform(NamedTuple):
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _on_leaf(fn, fstatic, tfn, tstatic, pre, fts, tkey, tdata, extra):
+  return fn(fstatic, _transformed(pre, fts, tfn, tstatic, tkey, tdata), *extra)
+
+
+def _transformed(pre, fts, tfn, tstatic, tkey, tdata) -> Tasks:
   tv = _tau(pre, fts)
-  if tfn is not None:
-    tv = tfn(tstatic, tv, tkey, tdata)
-  return fn(fstatic, tv, *extra)
+  return tv if tfn is None else tfn(tstatic, tv, tkey, tdata)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(4,))
 def _into(fn, fstatic, tfn, tstatic, buf, pre, fts, tkey, tdata, extra):
   """Writes ``fn``'s (one-task) values of a leaf into the donated ``buf``."""
-  tv = _tau(pre, fts)
-  if tfn is not None:
-    tv = tfn(tstatic, tv, tkey, tdata)
+  tv = _transformed(pre, fts, tfn, tstatic, tkey, tdata)
   (vals,) = fn(fstatic, tv, *extra)
   return jax.lax.dynamic_update_slice(buf, vals.ravel().astype(buf.dtype), (0,))
 
@@ -247,19 +248,24 @@ class Source:
   def sizes(self) -> list[int]:
     return [int(np.prod(s)) for s in self.shapes]
 
+  def _args(self, i: int) -> tuple[Any, ...]:
+    """Leaf ``i``'s kernel arguments: ``(pre, fts, tfn, tstatic, key, data)``."""
+    pre, fts = self.raw(i)
+    t = self.transform
+    if t is None:
+      return pre, fts, None, None, None, None
+    key = None if t.key is None else jax.random.fold_in(t.key, i)
+    data = None if t.data is None else t.data[i]
+    return pre, fts, t.fn, t.static, key, data
+
   def run(self, fn: Callable[..., Any], fstatic: Any, i: int, *extra) -> Any:
     """``fn(fstatic, tv_i, *extra)`` jitted, ``tv_i`` leaf ``i``'s tasks.
 
     ``fn`` and ``fstatic`` must be hashable (module-level functions and
     tuples), so that repeated calls reuse one compiled kernel per shape.
     """
-    pre, fts = self.raw(i)
-    t = self.transform
-    if t is None:
-      return _on_leaf(fn, fstatic, None, None, pre, fts, None, None, extra)
-    key = None if t.key is None else jax.random.fold_in(t.key, i)
-    data = None if t.data is None else t.data[i]
-    return _on_leaf(fn, fstatic, t.fn, t.static, pre, fts, key, data, extra)
+    pre, fts, tfn, tstatic, key, data = self._args(i)
+    return _on_leaf(fn, fstatic, tfn, tstatic, pre, fts, key, data, extra)
 
   def _stream(self, i: int, static: Any, extra: tuple) -> np.ndarray:
     """One task's values of leaf ``i`` as a numpy view of a reused buffer.
@@ -268,31 +274,20 @@ class Source:
     afresh per leaf; the view is valid until then (callers copy what they
     keep).
     """
-    pre, fts = self.raw(i)
-    t = self.transform
-    key = None if t is None or t.key is None else jax.random.fold_in(t.key, i)
-    data = None if t is None or t.data is None else t.data[i]
+    pre, fts, tfn, tstatic, key, data = self._args(i)
     dt = acc_dtype()
     if self._buf is None or self._buf.dtype != dt:
       self._buf = jnp.zeros((max(self.sizes),), dt)
     buf, self._buf = self._buf, None
     self._buf = _into(
-        _values_of,
-        static,
-        None if t is None else t.fn,
-        None if t is None else t.static,
-        buf,
-        pre,
-        fts,
-        key,
-        data,
-        extra,
+        _values_of, static, tfn, tstatic, buf, pre, fts, key, data, extra
     )
     return np.asarray(self._buf)[: self.sizes[i]]
 
-  def tasks(self, i: int) -> Tasks:
-    """Leaf ``i``'s task vectors (materialised)."""
-    return self.run(_identity, None, i)
+  def task_values(self, i: int) -> Sequence[jax.Array]:
+    """Leaf ``i``'s task vectors; a large leaf is computed one task at a
+    time as the sequence is indexed (so one task's copy is alive at once)."""
+    return self._values(i, absolute=False)
 
   def with_transform(self, transform: Transform) -> Source:
     if self.transform is not None:

@@ -55,7 +55,10 @@ def _prepare(static, src: _core.Source, key=None):
     n = shape[-1]
     removed, kept = row_counts(n, density, top_remove)
     per_leaf.append(
-        tuple(_row_thresholds(x, n, removed, kept) for x in src.tasks(i))
+        tuple(
+            _row_thresholds(x, n, removed, kept)
+            for x in src.task_values(i)  # one task at a time if large
+        )
     )
   return _core.Stats(None, tuple(per_leaf))
 

@@ -23,21 +23,29 @@ def polar(x: jnp.ndarray) -> jnp.ndarray:
   return p @ qt
 
 
-def tsv_merge_matrix(tv: jnp.ndarray) -> jnp.ndarray:
-  """TSV-M of one layer, ``tv`` stacked ``[T, m, n]``.
+def tsv_merge_matrix(tv) -> jnp.ndarray:
+  """TSV-M of one layer: ``tv`` is ``T`` matrices ``[m, n]`` (a sequence or
+  a stacked ``[T, m, n]`` array).
 
   Each task keeps its top ``k = int(min(m, n)/T)`` singular triplets; the
   concatenated ``U`` and ``V`` are replaced by their orthogonal polar factors
   (slots beyond ``T·k`` stay zero, as in the authors' code); the result is
-  ``U⊥ diag(Σ) V⊥ᵀ``.
+  ``U⊥ diag(Σ) V⊥ᵀ``. One task's full SVD is alive at a time.
   """
-  t, m, n = tv.shape
+  tv = list(tv)
+  t = len(tv)
+  m, n = tv[0].shape
   r = min(m, n)
   k = r // t
-  u, s, vt = jnp.linalg.svd(tv, full_matrices=False)  # [T,m,r] [T,r] [T,r,n]
-  u = jnp.moveaxis(u[:, :, :k], 0, 1).reshape(m, t * k)
-  s = s[:, :k].reshape(t * k)
-  vt = vt[:, :k, :].reshape(t * k, n)
+  us, ss, vts = [], [], []
+  for x in tv:
+    u, s, vt = jnp.linalg.svd(x, full_matrices=False)
+    us.append(u[:, :k])
+    ss.append(s[:k])
+    vts.append(vt[:k, :])
+  u = jnp.concatenate(us, axis=1)
+  s = jnp.concatenate(ss)
+  vt = jnp.concatenate(vts, axis=0)
   pad = r - t * k
   if pad:
     u = jnp.pad(u, ((0, 0), (0, pad)))
@@ -49,7 +57,7 @@ def tsv_merge_matrix(tv: jnp.ndarray) -> jnp.ndarray:
 def _tsvm_leaf(static, tv, ctx):
   del static
   if tv[0].ndim == 2:
-    out = tsv_merge_matrix(_core.stack(tv))
+    out = tsv_merge_matrix(tv)
   else:
     out = _core.tmean(tv)
   return _core.scalar_scale(ctx, "tsvm") * out
