@@ -633,11 +633,13 @@ def _is_float(x) -> bool:
 
 def _finite_leaf(x) -> bool:
   if _select.on_host(x):
-    a = np.asarray(x)
-    # A NaN or Inf anywhere makes the sum non-finite; a finite sum proves
-    # the leaf finite. Only on overflow (or a real NaN) look entry by entry.
-    dt = a.dtype if a.dtype in (np.float32, np.float64) else np.float32
-    if np.isfinite(np.sum(a, dtype=dt)):
+    a = np.asarray(x).ravel()
+    if a.dtype not in (np.float32, np.float64):
+      a = a.astype(np.float32)
+    # A NaN or Inf anywhere makes the sum of squares non-finite, so a finite
+    # one proves the leaf finite (one BLAS pass). Only then (overflow, or a
+    # real NaN/Inf) look entry by entry.
+    if np.isfinite(np.dot(a, a)):
       return True
     return bool(np.isfinite(a).all())
   return bool(_all_finite(x))

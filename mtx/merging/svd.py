@@ -30,28 +30,32 @@ def tsv_merge_matrix(tv) -> jnp.ndarray:
   Each task keeps its top ``k = int(min(m, n)/T)`` singular triplets; the
   concatenated ``U`` and ``V`` are replaced by their orthogonal polar factors
   (slots beyond ``T·k`` stay zero, as in the authors' code); the result is
-  ``U⊥ diag(Σ) V⊥ᵀ``. One task's full SVD is alive at a time.
+  ``U⊥ diag(Σ) V⊥ᵀ``. Only the top-``k`` slices of each task's SVD are
+  kept, and no ``[m, min(m, n)]`` padding is built. With more tasks than
+  ``min(m, n)`` (``k = 0``) the result is 0, as in the reference.
   """
   tv = list(tv)
   t = len(tv)
   m, n = tv[0].shape
   r = min(m, n)
   k = r // t
+  if k == 0:
+    return jnp.zeros((m, n), tv[0].dtype)
   us, ss, vts = [], [], []
   for x in tv:
     u, s, vt = jnp.linalg.svd(x, full_matrices=False)
     us.append(u[:, :k])
     ss.append(s[:k])
     vts.append(vt[:k, :])
-  u = jnp.concatenate(us, axis=1)
+  u = jnp.concatenate(us, axis=1)  # [m, T·k]
   s = jnp.concatenate(ss)
-  vt = jnp.concatenate(vts, axis=0)
-  pad = r - t * k
-  if pad:
-    u = jnp.pad(u, ((0, 0), (0, pad)))
-    s = jnp.pad(s, (0, pad))
-    vt = jnp.pad(vt, ((0, pad), (0, 0)))
-  return (polar(u) * s[None]) @ polar(vt)
+  vt = jnp.concatenate(vts, axis=0)  # [T·k, n]
+  # The reference pads U, Σ, Vᵀ with zero slots up to min(m, n); a zero slot
+  # meets a zero singular value, so the polar factors of the unpadded
+  # matrices give the same product. Associating the small factors first keeps
+  # a single [m, T·k] temporary.
+  pu, _, qut = jnp.linalg.svd(u, full_matrices=False)
+  return pu @ ((qut * s[None]) @ polar(vt))
 
 
 def _tsvm_leaf(static, tv, ctx):
