@@ -12,6 +12,7 @@ norms, convolution kernels), as the authors' code does.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from mtx.merging import _core
@@ -43,6 +44,10 @@ def tsv_merge_matrix(tv) -> jnp.ndarray:
     return jnp.zeros((m, n), tv[0].dtype)
   us, ss, vts = [], [], []
   for x in tv:
+    if us:  # one task's full SVD at a time: task t waits for t-1's slices
+      (us[-1], ss[-1], vts[-1]), x = jax.lax.optimization_barrier(
+          ((us[-1], ss[-1], vts[-1]), x)
+      )
     u, s, vt = jnp.linalg.svd(x, full_matrices=False)
     us.append(u[:, :k])
     ss.append(s[:k])
