@@ -99,8 +99,8 @@ def _zero_sign(static, ctx):
   return ctx.glob["majority"] if scope == "global" else ctx.stats["majority"]
 
 
-def merged_unscaled(static, tv, ctx):
-  """TIES without the final scale (used by Consensus on top of TIES)."""
+def _merged(static, tv, ctx):
+  """TIES without the final scale."""
   thr = _thresholds(static, ctx)
   trimmed = tv if thr is None else trim(tv, thr)
   sign = elect_sign(trimmed, static[1], _zero_sign(static, ctx))
@@ -108,7 +108,7 @@ def merged_unscaled(static, tv, ctx):
 
 
 def _leaf(static, tv, ctx):
-  return _core.scalar_scale(ctx, "ties") * merged_unscaled(static, tv, ctx)
+  return _core.scalar_scale(ctx, "ties") * _merged(static, tv, ctx)
 
 
 def _raw_sign(method, tv, thr):
