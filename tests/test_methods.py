@@ -1573,3 +1573,36 @@ def test_vmapped_scale_sweep_matches_per_scale_calls():
       assert_tree_close(
           {k: sweep[k][i] for k in SHAPES}, want, rtol=1e-5, atol=2e-6
       )
+
+
+def test_tsvm_large_leaves_factorised_task_by_task_in_prepare(monkeypatch):
+  # Leaves above _PRECOMPUTE_ENTRIES get their per-task SVDs in prepare (one
+  # task per dispatch); the result must equal the in-kernel path.
+  from mtx.merging import svd as svd_mod
+
+  rng = np.random.default_rng(31)
+  pre = {
+      "w": jnp.asarray(rng.normal(size=(12, 9)), jnp.float32),
+      "b": jnp.zeros(9),
+  }
+  fts = [
+      jax.tree.map(
+          lambda x: x + jnp.asarray(rng.normal(size=x.shape), jnp.float32), pre
+      )
+      for _ in range(3)
+  ]
+  want = mtx.merging.merge(pre, fts, "tsvm")
+  monkeypatch.setattr(svd_mod, "_PRECOMPUTE_ENTRIES", 100)
+  merger = mtx.merging.get("tsvm")
+  stacked = mtx.tree.stack([mtx.task_vectors.task_vector(pre, f) for f in fts])
+  stats = merger.prepare(stacked)
+  paths = mtx.tree.paths(stacked)
+  assert stats.leaf[paths.index("w")] is not None  # precomputed
+  assert stats.leaf[paths.index("b")] is None
+  got = mtx.merging.merge(pre, fts, "tsvm")
+  np.testing.assert_allclose(got["w"], want["w"], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(got["b"], want["b"], rtol=1e-6)
+  tv = merger.combine(stacked, stats)
+  np.testing.assert_allclose(
+      tv["w"], want["w"] - pre["w"], rtol=1e-4, atol=1e-5
+  )

@@ -48,24 +48,66 @@ def tsv_merge_matrix(tv) -> jnp.ndarray:
       (us[-1], ss[-1], vts[-1]), x = jax.lax.optimization_barrier(
           ((us[-1], ss[-1], vts[-1]), x)
       )
-    u, s, vt = jnp.linalg.svd(x, full_matrices=False)
-    us.append(u[:, :k])
-    ss.append(s[:k])
-    vts.append(vt[:k, :])
-  u = jnp.concatenate(us, axis=1)  # [m, T·k]
-  s = jnp.concatenate(ss)
-  vt = jnp.concatenate(vts, axis=0)  # [T·k, n]
-  # The reference pads U, Σ, Vᵀ with zero slots up to min(m, n); a zero slot
-  # meets a zero singular value, so the polar factors of the unpadded
-  # matrices give the same product. Associating the small factors first keeps
-  # a single [m, T·k] temporary.
+    u, s, vt = _top_triplets(x, k)
+    us.append(u)
+    ss.append(s)
+    vts.append(vt)
+  return _tsv_combine(
+      jnp.concatenate(us, axis=1),
+      jnp.concatenate(ss),
+      jnp.concatenate(vts, axis=0),
+  )
+
+
+def _top_triplets(x, k):
+  u, s, vt = jnp.linalg.svd(x, full_matrices=False)
+  return u[:, :k], s[:k], vt[:k, :]
+
+
+def _tsv_combine(u, s, vt):
+  """``polar(U) diag(s) polar(Vᵀ)`` for ``U [m, T·k]``, ``Vᵀ [T·k, n]``.
+
+  The reference pads U, Σ, Vᵀ with zero slots up to min(m, n); a zero slot
+  meets a zero singular value, so the polar factors of the unpadded matrices
+  give the same product. Associating the small factors first keeps a single
+  ``[m, T·k]`` temporary.
+  """
   pu, _, qut = jnp.linalg.svd(u, full_matrices=False)
   return pu @ ((qut * s[None]) @ polar(vt))
 
 
+# 2-D leaves at least this large get their per-task SVDs in ``prepare``, one
+# task per dispatch, so only one task's task vector and factors are alive.
+_PRECOMPUTE_ENTRIES = 1 << 22
+
+
+def _task_top(static, tv):
+  task, k = static
+  return _top_triplets(tv[task], k)
+
+
+def _tsvm_prepare(static, src, key=None):
+  del static, key
+  per_leaf = []
+  for i, shape in enumerate(src.shapes):
+    k = min(shape) // src.num_tasks if len(shape) == 2 else 0
+    if len(shape) != 2 or k == 0 or src.sizes[i] < _PRECOMPUTE_ENTRIES:
+      per_leaf.append(None)
+      continue
+    parts = [src.run(_task_top, (j, k), i) for j in range(src.num_tasks)]
+    per_leaf.append(
+        tuple(
+            jnp.concatenate(p, axis=a) for p, a in zip(zip(*parts), (1, 0, 0))
+        )
+    )
+  return _core.Stats(None, tuple(per_leaf))
+
+
 def _tsvm_leaf(static, tv, ctx):
   del static
-  if tv[0].ndim == 2:
+  if ctx.stats is not None:  # triplets computed task by task in prepare
+    out = _tsv_combine(*ctx.stats)
+  elif tv[0].ndim == 2:
     out = tsv_merge_matrix(tv)
   else:
     out = _core.tmean(tv)
@@ -78,7 +120,7 @@ def tsvm() -> _core.Merger:
 
   With one task it returns that task's vector unchanged.
   """
-  return _core.Merger("tsvm", (), {}, _tsvm_leaf)
+  return _core.Merger("tsvm", (), {}, _tsvm_leaf, _tsvm_prepare)
 
 
 def iso_matrix(tv) -> jnp.ndarray:
