@@ -136,6 +136,21 @@ def main() -> int:
         print(f"FAIL select k={k} abs={absolute}: host {host} device {dev}")
       else:
         print(f"ok   select k={k} abs={absolute}")
+  # A linearised model on sharded params equals the unsharded one.
+  mesh = mtx.sharding.make_mesh((4, 2), ("data", "model"), explicit=False)
+  model = (
+      lambda p, x: jnp.tanh(x @ p["layers_0"]["kernel"])
+      @ p["layers_1"]["kernel"]
+  )
+  x = jax.random.normal(jax.random.key(4), (4, 16))
+  f = jax.jit(mtx.ntk.linearize(model))
+  want = f(base, fts[0], x)
+  got = f(shard(base, mesh), shard(fts[0], mesh), x)
+  if np.allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5):
+    print("ok   linearize sharded == unsharded")
+  else:
+    failures += 1
+    print("FAIL linearize sharded != unsharded")
   # Rules that do not fit a leaf are rejected with its path.
   try:
     mtx.sharding.shard(base, mesh, [(r"^scale$", P("d"))])
