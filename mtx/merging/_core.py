@@ -759,6 +759,7 @@ def merge_models(
       host,
   )
   stats = merger._prepare(src, key)
+  del src  # frees the selection buffer before the outputs are allocated
   out = list(pre_leaves)
   for j, i in enumerate(idx):
     ctx = Ctx(
