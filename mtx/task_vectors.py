@@ -38,9 +38,9 @@ PyTree = Any
 
 def _check_float(tree: PyTree, name: str) -> None:
   for p, x in zip(*mtree.flatten(tree)[:2]):
-    if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact):
+    if not mtree.is_floating(x):
       raise ValueError(
-          f"{name} leaf {p!r} has dtype {jnp.asarray(x).dtype}; integer "
+          f"{name} leaf {p!r} has dtype {mtree.dtype_of(x)}; integer "
           "leaves cannot be differenced"
       )
 

@@ -43,7 +43,9 @@ __all__ = [
     "add_scale",
     "assert_same_structure",
     "cosine",
+    "dtype_of",
     "flatten",
+    "is_floating",
     "l1_norm",
     "l2_norm",
     "map_with_path",
@@ -236,6 +238,17 @@ def cosine(a: PyTree, b: PyTree, eps: float = 1e-12) -> jax.Array:
   Returns 0 when either tree is all zeros (``eps`` guards the division).
   """
   return vdot(a, b) / jnp.maximum(l2_norm(a) * l2_norm(b), eps)
+
+
+def dtype_of(x: Any) -> np.dtype:
+  """A leaf's dtype, without converting (or transferring) the leaf."""
+  dt = getattr(x, "dtype", None)
+  return np.dtype(np.result_type(x) if dt is None else dt)
+
+
+def is_floating(x: Any) -> bool:
+  """Whether a leaf has a floating (or complex) dtype."""
+  return jnp.issubdtype(dtype_of(x), jnp.inexact)
 
 
 def num_elements(a: PyTree) -> int:

@@ -195,8 +195,6 @@ class _LazyTasks(Sequence):
     return self._n
 
   def __getitem__(self, j):
-    if isinstance(j, slice):
-      return [self._get(k) for k in range(self._n)[j]]
     if not -self._n <= j < self._n:
       raise IndexError(j)
     return self._get(j % self._n)
@@ -625,12 +623,6 @@ def _broadcast_scale(scale, like: PyTree, merger: Merger, t: int) -> list:
 # merge(): models in, model out.
 
 
-def _is_float(x) -> bool:
-  return jnp.issubdtype(
-      jnp.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype, jnp.inexact
-  )
-
-
 def _finite_leaf(x) -> bool:
   if _select.on_host(x):
     a = np.asarray(x).ravel()
@@ -718,9 +710,9 @@ def merge_models(
         f"include={include!r} / exclude={exclude!r} select no leaf"
     )
   for i in idx:
-    if not _is_float(pre_leaves[i]):
+    if not mtree.is_floating(pre_leaves[i]):
       raise ValueError(
-          f"leaf {paths[i]!r} has dtype {jnp.asarray(pre_leaves[i]).dtype}; "
+          f"leaf {paths[i]!r} has dtype {mtree.dtype_of(pre_leaves[i])}; "
           "integer leaves cannot be differenced; leave it out with exclude="
       )
   if check_finite:

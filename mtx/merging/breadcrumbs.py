@@ -8,7 +8,6 @@ Reference:
 from __future__ import annotations
 
 import jax.numpy as jnp
-import numpy as np
 
 from mtx import _select
 from mtx.merging import _core
@@ -30,12 +29,7 @@ def _row_thresholds(x, n: int, removed: int, kept: int):
   """``[..., 2]``: the removal bound and the keep bound of each row."""
   hi_rank, lo_rank = max(removed, 1), removed + kept
   ks = (hi_rank, max(lo_rank, 1))
-  thr = (
-      np.asarray(_select.row_kth_largest(x, ks))
-      if _select.on_host(x)
-      else (_select.row_kth_largest(x, ks))
-  )
-  thr = jnp.asarray(thr, x.dtype)
+  thr = jnp.asarray(_select.row_kth_largest(x, ks), x.dtype)
   hi = thr[..., 0] if removed > 0 else jnp.full_like(thr[..., 0], jnp.inf)
   if kept == 0:
     lo = jnp.full_like(thr[..., 1], jnp.inf)  # keeps nothing
