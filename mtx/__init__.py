@@ -6,7 +6,17 @@ Modules:
   merging: every training-free merging method behind one registry.
   ntk: tangent-space (linearised) models, empirical NTK, disentanglement.
   sharding: mesh helpers; path rules to NamedSharding trees.
+  moe: routers and mixture-of-experts layers (single device, expert parallel).
+  models: Flax models as pure (init, apply) pairs (imports flax).
+  data: offline datasets and task suites.
+  io: safetensors / Hugging Face checkpoint import and export.
+  checkpoint: orbax save/restore with metadata (imports orbax).
+
+The last five load on first use (``mtx.models``), so ``import mtx`` stays
+light and the core needs only jax and numpy.
 """
+
+import importlib
 
 from mtx import merging
 from mtx import ntk
@@ -16,8 +26,22 @@ from mtx import tree
 
 __version__ = "0.1.0"
 
+_LAZY = ("checkpoint", "data", "io", "models", "moe")
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    return importlib.import_module(f"mtx.{name}")
+  raise AttributeError(f"module 'mtx' has no attribute {name!r}")
+
+
 __all__ = [
+    "checkpoint",
+    "data",
+    "io",
     "merging",
+    "models",
+    "moe",
     "ntk",
     "sharding",
     "task_vectors",
