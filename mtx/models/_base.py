@@ -81,7 +81,9 @@ def classifier(
     logits = heads_lib.apply(params["head"], features(params, *inputs))
     return logits / temperature if normalize else logits
 
-  model = Model(f"{encoder.name}+head{num_classes}", init, apply, encoder.config)
+  model = Model(
+      f"{encoder.name}+head{num_classes}", init, apply, encoder.config
+  )
   return model
 
 

@@ -58,9 +58,9 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x):
     y = nn.LayerNorm(name="ln_1")(x)
-    y = nn.MultiHeadDotProductAttention(
-        num_heads=self.heads, name="attention"
-    )(y, y)
+    y = nn.MultiHeadDotProductAttention(num_heads=self.heads, name="attention")(
+        y, y
+    )
     x = x + y
     y = nn.LayerNorm(name="ln_2")(x)
     y = nn.Dense(self.mlp_dim, name="fc_1")(y)
