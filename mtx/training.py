@@ -69,12 +69,8 @@ def make_optimizer(
     raise ValueError(
         f"need 0 <= warmup_steps ({warmup_steps}) <= steps ({steps})"
     )
-  schedule = (
-      optax.warmup_cosine_decay_schedule(
-          0.0, learning_rate, max(warmup_steps, 1) if warmup_steps else 0, steps
-      )
-      if warmup_steps
-      else optax.cosine_decay_schedule(learning_rate, steps)
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, learning_rate, warmup_steps, steps
   )
   adamw = optax.adamw(
       schedule,
@@ -171,7 +167,11 @@ def make_eval_step(
     linearize_include: str | Sequence[str] | None = None,
     linearize_exclude: str | Sequence[str] | None = None,
 ) -> Callable[..., Any]:
-  """``eval_step(params0, params, images, labels) -> (correct, loss_sum)``."""
+  """``eval_step(params0, params, images, labels, weights)``.
+
+  Returns the weighted number of correct predictions and the weighted sum
+  of losses (weights 0 mark padding).
+  """
   f = model_fn(
       apply_fn,
       linearized=linearized,
@@ -180,10 +180,11 @@ def make_eval_step(
   )
 
   @jax.jit
-  def eval_step(params0, params, images, labels):
+  def eval_step(params0, params, images, labels, weights):
     logits = f(params0, params, images).astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return jnp.sum(jnp.argmax(logits, -1) == labels), jnp.sum(ce)
+    hit = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    return jnp.sum(weights * hit), jnp.sum(weights * ce)
 
   return eval_step
 
@@ -199,8 +200,8 @@ def evaluate(
 ) -> dict[str, float]:
   """Accuracy and mean loss over a whole split, in fixed-size batches.
 
-  The last batch is padded to ``batch_size`` (padding excluded from the
-  counts) so one compiled program serves every batch.
+  The last batch is padded to ``batch_size`` with weight-0 examples, so one
+  compiled program serves every batch.
   """
   n = len(labels)
   if n == 0:
@@ -209,18 +210,12 @@ def evaluate(
   correct, loss = 0.0, 0.0
   for i in range(0, n, bs):
     x, y = images[i : i + bs], labels[i : i + bs]
-    k = len(y)
-    if k < bs:  # pad, then subtract the padding's contribution
-      x = np.concatenate([x, np.repeat(x[-1:], bs - k, 0)])
-      y = np.concatenate([y, np.repeat(y[-1:], bs - k, 0)])
-      c_all, l_all = eval_step(params0, params, x, y)
-      c_pad, l_pad = eval_step(
-          params0, params, np.repeat(x[-1:], bs, 0), np.repeat(y[-1:], bs, 0)
-      )
-      c = float(c_all) - float(c_pad) * (bs - k) / bs
-      l_ = float(l_all) - float(l_pad) * (bs - k) / bs
-    else:
-      c, l_ = eval_step(params0, params, x, y)
+    w = np.ones(bs, np.float32)
+    if len(y) < bs:  # pad to one compiled shape; padding has weight 0
+      w[len(y) :] = 0.0
+      x = np.concatenate([x, np.zeros((bs - len(y), *x.shape[1:]), x.dtype)])
+      y = np.concatenate([y, np.zeros(bs - len(y), y.dtype)])
+    c, l_ = eval_step(params0, params, x, y, w)
     correct += float(c)
     loss += float(l_)
   return {"accuracy": correct / n, "loss": loss / n}
