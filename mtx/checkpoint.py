@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import time
@@ -35,6 +36,16 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+
+class _QuietOrbax(logging.Filter):
+  """Drops orbax's per-save INFO chatter; its warnings and errors pass."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno > logging.INFO or "orbax" not in record.pathname
+
+
+logging.getLogger("absl").addFilter(_QuietOrbax())
 
 _PARAMS = "params"
 _META = "metadata"

@@ -65,9 +65,9 @@ def make_optimizer(
   Returns:
     An ``optax.GradientTransformation``.
   """
-  if steps < 1 or not 0 <= warmup_steps <= steps:
+  if steps < 1 or not 0 <= warmup_steps < steps:
     raise ValueError(
-        f"need 0 <= warmup_steps ({warmup_steps}) <= steps ({steps})"
+        f"need 0 <= warmup_steps ({warmup_steps}) < steps ({steps})"
     )
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, learning_rate, warmup_steps, steps

@@ -1,28 +1,14 @@
 """The README's main job, in smoke mode, in-process (flagsaver + main)."""
 
-import importlib.util
 import json
-import os
 
-from absl import flags
 from absl.testing import flagsaver
 
-_PATH = os.path.join(
-    os.path.dirname(__file__), os.pardir, "experiments", "merge_demo.py"
-)
-
-
-def _load():
-  spec = importlib.util.spec_from_file_location("merge_demo", _PATH)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+import binaries
 
 
 def test_merge_demo_smoke(tmp_path):
-  demo = _load()
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
+  demo = binaries.load("merge_demo")
   with flagsaver.flagsaver(
       workdir=str(tmp_path),
       pretrain_steps=30,

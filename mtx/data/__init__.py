@@ -16,6 +16,7 @@ reader serves MNIST / KMNIST / EMNIST files a user has. Images are float32 in
 
 from mtx.data._core import Dataset
 from mtx.data._core import IDX_LOCATIONS
+from mtx.data._core import TRANSFORMS
 from mtx.data._core import augment
 from mtx.data._core import batch_indices
 from mtx.data._core import batches
@@ -24,9 +25,11 @@ from mtx.data._core import load_digits
 from mtx.data._core import load_idx
 from mtx.data._core import read_idx
 from mtx.data._core import split
+from mtx.data._core import transform
 
 __all__ = [
     "IDX_LOCATIONS",
+    "TRANSFORMS",
     "Dataset",
     "augment",
     "batch_indices",
@@ -36,4 +39,5 @@ __all__ = [
     "load_idx",
     "read_idx",
     "split",
+    "transform",
 ]

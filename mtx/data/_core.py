@@ -317,3 +317,30 @@ def augment(
   if noise:
     images = images + noise * jax.random.normal(k2, images.shape, images.dtype)
   return images
+
+
+# Input shifts that turn one data set into several tasks.
+TRANSFORMS = {
+    "none": lambda x: x,
+    "rot90": lambda x: np.rot90(x, 1, axes=(1, 2)),
+    "rot180": lambda x: np.rot90(x, 2, axes=(1, 2)),
+    "rot270": lambda x: np.rot90(x, 3, axes=(1, 2)),
+    "flip_lr": lambda x: x[:, :, ::-1],
+    "flip_ud": lambda x: x[:, ::-1],
+    "invert": lambda x: 1.0 - x,
+    "transpose": lambda x: np.swapaxes(x, 1, 2),
+}
+
+
+def transform(ds: Dataset, name: str) -> Dataset:
+  """``ds`` with an input shift from :data:`TRANSFORMS` applied to images.
+
+  >>> ds = Dataset(np.arange(4.0).reshape(1, 2, 2, 1), np.zeros(1, int), 1)
+  >>> transform(ds, "flip_lr").images[0, ..., 0].tolist()
+  [[1.0, 0.0], [3.0, 2.0]]
+  """
+  if name not in TRANSFORMS:
+    raise ValueError(f"unknown transform {name!r}; known: {sorted(TRANSFORMS)}")
+  images = np.ascontiguousarray(TRANSFORMS[name](ds.images), np.float32)
+  suffix = "" if name == "none" else f"+{name}"
+  return dataclasses.replace(ds, images=images, name=ds.name + suffix)
