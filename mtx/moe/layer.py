@@ -1,0 +1,628 @@
+r"""The mixture-of-experts layer: routing, dispatch, experts, combine.
+
+:func:`apply` is the one entry point; ``router`` picks the routing rule
+(:data:`ROUTERS`) and ``backend`` how tokens reach the experts
+(:data:`BACKENDS`). Every backend computes the same function (up to float
+rounding):
+
+* ``"einsum"``: one-hot dispatch and combine tensors ``[G, S, E, C]`` and
+  einsums (GShard / V-MoE style). Simple, and its cost grows with
+  ``S * E * C``: for small ``E`` and groups.
+* ``"sort"``: assignments are ranked by expert, tokens gathered into
+  ``[G, E, C, D]`` buffers, the experts run as one batched matmul and the
+  outputs gathered back per (token, choice). Dispatch costs ``O(S K D)``;
+  the fast one on CPU.
+* ``"ragged"``: assignments sorted by expert and fed to
+  ``jax.lax.ragged_dot`` (no ``[E, C]`` padding; with
+  ``capacity_factor=None`` it is dropless at no extra cost). On GPU/TPU this
+  is a grouped matmul; **on CPU XLA lowers ragged_dot densely** (it masks
+  the rows per expert and does ``E`` times the FLOPs and memory), so it is
+  only there for parity and portability on CPU (see
+  ``benchmarks/moe_layer.py``).
+* ``"expert_parallel"``: :func:`mtx.moe.sharded.apply` on a device mesh
+  (needs ``mesh=``).
+
+Soft MoE is dense by nature: its dispatch and combine are einsums in every
+backend.
+
+The expert is an MLP ``act(x @ wi[e]) @ wo[e]``; optional shared experts
+(DeepSeek-MoE) in ``params["shared"]`` (``wi`` ``[N, D, F']``, ``wo``
+``[N, F', D]``, or one expert without the leading axis) run on every token
+with weight 1 and are added to the output. Expert math runs in the params'
+dtype; router math and the combine in float32; ``y`` has ``x``'s dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mtx.moe import routing as _routing
+
+__all__ = ["ACTIVATIONS", "BACKENDS", "ROUTERS", "apply", "expert_mlp", "init"]
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu,
+    "gelu": jax.nn.gelu,  # tanh approximation, as jax.nn.gelu
+    "gelu_exact": functools.partial(jax.nn.gelu, approximate=False),
+    "silu": jax.nn.silu,
+}
+
+# The routing rule; "top_k" covers Switch (k=1), GShard (k=2, with
+# second_expert_policy), noisy gating, BPR and task-conditioned routing
+# (task_ids with a per-task router or a task embedding).
+ROUTERS = ("top_k", "expert_choice", "soft", "hash", "random")
+
+# name -> implementation, for the registry-wide tests; "expert_parallel"
+# lives in mtx.moe.sharded.
+BACKENDS = ("einsum", "sort", "ragged", "expert_parallel")
+
+_OPTIONS = {
+    "activation": "gelu",
+    "num_groups": 1,
+    "capacity": None,
+    "normalize": None,
+    "batch_priority": False,
+    "second_expert_policy": "all",
+    "noise_std": 0.0,
+    "task_ids": None,
+    "token_ids": None,
+}
+_SHARDED_OPTIONS = ("mesh", "data_axis", "expert_axis", "dispatch")
+
+PyTree = Any
+
+
+# ----------------------------------------------------------------------------
+# Parameters.
+
+
+def init(
+    key: jax.Array,
+    *,
+    d_model: int,
+    hidden: int,
+    num_experts: int,
+    slots_per_expert: int | None = None,
+    num_tasks: int | None = None,
+    task_conditioning: str = "per_task",
+    num_shared: int = 0,
+    router_std: float = 0.02,
+    dtype: Any = jnp.float32,
+) -> dict[str, Any]:
+  """Random MoE params in the layout :func:`apply` takes.
+
+  ``wi`` ~ N(0, 1/D), ``wo`` ~ N(0, 1/F), router ~ N(0, router_std²).
+
+  Args:
+    key: PRNG key.
+    d_model: ``D``.
+    hidden: ``F``, the expert MLP width.
+    num_experts: ``E``.
+    slots_per_expert: for soft MoE: the router kernel gets ``E * slots``
+      columns.
+    num_tasks: ``T`` for task-conditioned routing.
+    task_conditioning: ``"per_task"`` (router kernel ``[T, D, E]``) or
+      ``"embedding"`` (``task_embedding`` ``[T, D]`` added to the input).
+    num_shared: shared (always-on) experts, each of width ``hidden``.
+    router_std: router init scale.
+    dtype: params dtype (the router stays float32).
+
+  Returns:
+    ``{"router": {"kernel"}, "experts": {"wi", "wo"}}`` (+ ``"shared"``).
+
+  >>> import jax
+  >>> p = init(jax.random.key(0), d_model=4, hidden=8, num_experts=2)
+  >>> jax.tree.map(lambda a: a.shape, p)
+  {'experts': {'wi': (2, 4, 8), 'wo': (2, 8, 4)}, 'router': {'kernel': (4, 2)}}
+  """
+  ks = jax.random.split(key, 6)
+  x = num_experts * (slots_per_expert or 1)
+  if num_tasks is not None and task_conditioning == "per_task":
+    kernel = router_std * jax.random.normal(ks[0], (num_tasks, d_model, x))
+  elif num_tasks is None or task_conditioning == "embedding":
+    kernel = router_std * jax.random.normal(ks[0], (d_model, x))
+  else:
+    raise ValueError(
+        f"task_conditioning must be 'per_task' or 'embedding', got "
+        f"{task_conditioning!r}"
+    )
+  params: dict[str, Any] = {
+      "router": {"kernel": kernel},
+      "experts": {
+          "wi": (
+              jax.random.normal(ks[1], (num_experts, d_model, hidden))
+              / jnp.sqrt(d_model)
+          ).astype(dtype),
+          "wo": (
+              jax.random.normal(ks[2], (num_experts, hidden, d_model))
+              / jnp.sqrt(hidden)
+          ).astype(dtype),
+      },
+  }
+  if num_tasks is not None and task_conditioning == "embedding":
+    params["router"]["task_embedding"] = jax.random.normal(
+        ks[3], (num_tasks, d_model)
+    )
+  if num_shared:
+    params["shared"] = {
+        "wi": (
+            jax.random.normal(ks[4], (num_shared, d_model, hidden))
+            / jnp.sqrt(d_model)
+        ).astype(dtype),
+        "wo": (
+            jax.random.normal(ks[5], (num_shared, hidden, d_model))
+            / jnp.sqrt(hidden)
+        ).astype(dtype),
+    }
+  return params
+
+
+def _activation(name: Any) -> Callable[[jax.Array], jax.Array]:
+  if callable(name):
+    return name
+  if name not in ACTIVATIONS:
+    raise ValueError(
+        f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}"
+    )
+  return ACTIVATIONS[name]
+
+
+def expert_mlp(
+    experts: Mapping[str, jax.Array],
+    x_ECD: jax.Array,
+    activation: Any = "gelu",
+) -> jax.Array:
+  """Runs expert ``e`` on ``x_ECD[..., e, :, :]``: ``act(x wi[e]) wo[e]``.
+
+  Args:
+    experts: ``{"wi": [E, D, F], "wo": [E, F, D]}``.
+    x_ECD: ``[..., E, C, D]`` inputs (any leading axes).
+    activation: name in :data:`ACTIVATIONS` or a callable.
+
+  Returns:
+    ``[..., E, C, D]`` in the experts' dtype.
+
+  >>> import jax.numpy as jnp
+  >>> ex = {"wi": jnp.ones((2, 1, 1)), "wo": 2 * jnp.ones((2, 1, 1))}
+  >>> expert_mlp(ex, jnp.array([[[1.0]], [[-1.0]]]), "relu").tolist()
+  [[[2.0]], [[0.0]]]
+  """
+  act = _activation(activation)
+  wi, wo = experts["wi"], experts["wo"]
+  h = jnp.einsum("...ecd,edf->...ecf", x_ECD.astype(wi.dtype), wi)
+  return jnp.einsum("...ecf,efd->...ecd", act(h), wo)
+
+
+def _shared(shared: Mapping[str, jax.Array], x: jax.Array, act) -> jax.Array:
+  wi, wo = jnp.asarray(shared["wi"]), jnp.asarray(shared["wo"])
+  if wi.ndim == 2:
+    wi, wo = wi[None], wo[None]
+  h = act(jnp.einsum("...d,ndf->...nf", x.astype(wi.dtype), wi))
+  return jnp.einsum("...nf,nfd->...d", h, wo)
+
+
+def _check_params(params: Mapping[str, Any], x: jax.Array) -> tuple[int, ...]:
+  """Validates the layout; returns ``(E, D, F)``."""
+  for top, keys in (("router", ("kernel",)), ("experts", ("wi", "wo"))):
+    if not isinstance(params, Mapping) or top not in params:
+      raise ValueError(f"params is missing {top!r}")
+    for k in keys:
+      if k not in params[top]:
+        raise ValueError(f"params is missing '{top}/{k}'")
+  wi, wo = params["experts"]["wi"], params["experts"]["wo"]
+  if jnp.ndim(wi) != 3:
+    raise ValueError(f"'experts/wi' must be [E, D, F], got {jnp.shape(wi)}")
+  e, d, f = jnp.shape(wi)
+  if jnp.shape(wo) != (e, f, d):
+    raise ValueError(
+        f"'experts/wo' must be [E, F, D] = {[e, f, d]}, got "
+        f"{list(jnp.shape(wo))}"
+    )
+  if jnp.ndim(x) < 1 or jnp.shape(x)[-1] != d:
+    raise ValueError(
+        f"x must have shape [..., {d}] (D of 'experts/wi'), got {jnp.shape(x)}"
+    )
+  kernel = params["router"]["kernel"]
+  if jnp.ndim(kernel) not in (2, 3) or jnp.shape(kernel)[-2] != d:
+    raise ValueError(
+        f"'router/kernel' must be [D={d}, E] or [T, D={d}, E], got "
+        f"{list(jnp.shape(kernel))}"
+    )
+  if "shared" in params:
+    swi, swo = jnp.shape(params["shared"]["wi"]), jnp.shape(
+        params["shared"]["wo"]
+    )
+    ok = (len(swi) == 2 and swi[0] == d and swo == (swi[1], d)) or (
+        len(swi) == 3 and swi[1] == d and swo == (swi[0], swi[2], d)
+    )
+    if not ok:
+      raise ValueError(
+          f"'shared/wi' {list(swi)} and 'shared/wo' {list(swo)} must be "
+          f"[D, F'] and [F', D] (or with a leading N) for D={d}"
+      )
+  return e, d, f
+
+
+def _check_options(options: Mapping[str, Any], extra=()) -> dict[str, Any]:
+  unknown = sorted(set(options) - set(_OPTIONS) - set(extra))
+  if unknown:
+    raise ValueError(
+        f"unknown option(s) {unknown}; known: {sorted(_OPTIONS) + list(extra)}"
+    )
+  out = dict(_OPTIONS)
+  out.update(options)
+  _activation(out["activation"])
+  return out
+
+
+def _tokens_GS(
+    ids: Any, name: str, token_shape: tuple[int, ...], g: int, s: int
+) -> jax.Array | None:
+  if ids is None:
+    return None
+  ids = jnp.asarray(ids)
+  if not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise ValueError(f"{name} must be integers, got {ids.dtype}")
+  try:
+    ids = jnp.broadcast_to(ids, token_shape)
+  except ValueError:
+    raise ValueError(
+        f"{name} of shape {ids.shape} does not broadcast to the token shape "
+        f"{token_shape}"
+    ) from None
+  return ids.reshape(g, s)
+
+
+def _route(
+    router_params: Mapping[str, Any],
+    x_GSD: jax.Array,
+    *,
+    router: str,
+    num_experts: int,
+    num_selected: int,
+    capacity_factor: float | None,
+    keys_G: jax.Array | None,
+    task_ids_GS: jax.Array | None,
+    token_ids_GS: jax.Array | None,
+    opts: Mapping[str, Any],
+) -> tuple[_routing.Routing, int]:
+  """Routes one set of groups; returns the routing and the buffer size."""
+  _, s, _ = x_GSD.shape
+  logits = _routing.router_logits(
+      router_params, x_GSD, task_ids_GS=task_ids_GS
+  )
+  e = num_experts
+  if router == "soft":
+    if logits.shape[-1] % e:
+      raise ValueError(
+          f"soft routing needs a router kernel with E * slots columns; got "
+          f"{logits.shape[-1]} for E={e}"
+      )
+    r = _routing.soft_routing(logits, num_experts=e)
+    return r, logits.shape[-1] // e
+  if logits.shape[-1] != e:
+    raise ValueError(
+        f"'router/kernel' has {logits.shape[-1]} outputs but there are {e} "
+        f"experts"
+    )
+  _routing._check_k(num_selected, e)
+  c = opts["capacity"]
+  if c is None:
+    c = _routing.capacity(s, e, num_selected, capacity_factor)
+  else:
+    _routing._check_capacity(c)
+  if router == "expert_choice":
+    c = min(c, s)
+    return _routing.expert_choice_routing(logits, capacity=c), c
+  c_tc = None if capacity_factor is None and opts["capacity"] is None else c
+  if router == "top_k":
+    r = _routing.top_k_routing(
+        logits,
+        num_selected=num_selected,
+        capacity=c_tc,
+        normalize=opts["normalize"],
+        batch_priority=opts["batch_priority"],
+        second_expert_policy=opts["second_expert_policy"],
+        noise_std=opts["noise_std"],
+        key=keys_G,
+    )
+  elif router == "hash":
+    if token_ids_GS is None:
+      raise ValueError("router='hash' needs token_ids")
+    r = _routing.hash_routing(
+        logits, token_ids_GS, num_selected=num_selected, capacity=c_tc
+    )
+  elif router == "random":
+    if keys_G is None:
+      raise ValueError("router='random' needs an explicit key")
+    r = _routing.random_routing(
+        logits, keys_G, num_selected=num_selected, capacity=c_tc
+    )
+  else:
+    raise ValueError(f"unknown router {router!r}; known: {list(ROUTERS)}")
+  # Without a capacity the buffers must hold every token.
+  return r, (c if c_tc is not None else s)
+
+
+# ----------------------------------------------------------------------------
+# Dispatch / combine: tokens [G, S, D] <-> expert buffers [G, E, C, D].
+
+
+def dispatch_einsum(
+    x_GSD: jax.Array, r: _routing.Routing, c: int, e: int
+) -> jax.Array:
+  """Tokens into expert buffers with a one-hot ``[G, S, E, C]`` einsum."""
+  d = _dense_dispatch(r, c, e, x_GSD.shape[1], weighted=False)
+  return jnp.einsum("gsec,gsd->gecd", d.astype(x_GSD.dtype), x_GSD)
+
+
+def combine_einsum(
+    o_GECD: jax.Array, r: _routing.Routing, c: int, e: int, s: int
+) -> jax.Array:
+  """Expert buffers back to tokens (float32) with the combine tensor."""
+  w = _dense_dispatch(r, c, e, s, weighted=True)
+  return jnp.einsum("gsec,gecd->gsd", w, o_GECD.astype(jnp.float32))
+
+
+def _dense_dispatch(r, c, e, s, *, weighted):
+  if isinstance(r, _routing.SoftRouting):
+    return r.combine if weighted else r.dispatch
+  if isinstance(r, _routing.ExpertChoice):
+    oh = jax.nn.one_hot(r.token_index, s, dtype=jnp.float32)  # [G, E, C, S]
+    if weighted:
+      oh = oh * r.weight[..., None]
+    return jnp.transpose(oh, (0, 3, 1, 2))
+  oh_e = jax.nn.one_hot(r.expert_index, e, dtype=jnp.float32)
+  pos = jnp.where(r.kept, r.position, c)  # out of range -> all-zero row
+  oh_c = jax.nn.one_hot(pos, c, dtype=jnp.float32)
+  if weighted:
+    return jnp.einsum("gske,gskc,gsk->gsec", oh_e, oh_c, r.weight)
+  return jnp.einsum("gske,gskc->gsec", oh_e, oh_c)
+
+
+def _slots(r: _routing.TokenChoice, c: int, e: int) -> jax.Array:
+  """Flat buffer slot ``e * C + position`` per assignment; ``E * C`` if dropped."""
+  return jnp.where(r.kept, r.expert_index * c + r.position, e * c)
+
+
+def dispatch_sort(
+    x_GSD: jax.Array, r: _routing.Routing, c: int, e: int
+) -> jax.Array:
+  """Tokens into expert buffers by index (gather); ``O(S K D)`` data moved."""
+  if isinstance(r, _routing.SoftRouting):
+    return dispatch_einsum(x_GSD, r, c, e)
+  g, s, dim = x_GSD.shape
+  if isinstance(r, _routing.ExpertChoice):
+    return jax.vmap(lambda xg, t: xg[t])(x_GSD, r.token_index)
+  k = r.expert_index.shape[-1]
+  slot = _slots(r, c, e).reshape(g, s * k)
+  token = jnp.broadcast_to(
+      jnp.arange(s, dtype=jnp.int32)[:, None], (s, k)
+  ).reshape(s * k)
+  # src[g, slot] = token in that slot; empty slots point at a zero row.
+  src = jax.vmap(
+      lambda sl: jnp.full((e * c,), s, jnp.int32).at[sl].set(token, mode="drop")
+  )(slot)
+  x_pad = jnp.concatenate([x_GSD, jnp.zeros((g, 1, dim), x_GSD.dtype)], 1)
+  return jax.vmap(lambda xg, i: xg[i])(x_pad, src).reshape(g, e, c, dim)
+
+
+def combine_sort(
+    o_GECD: jax.Array, r: _routing.Routing, c: int, e: int, s: int
+) -> jax.Array:
+  """Expert outputs back to tokens (float32) by index."""
+  if isinstance(r, _routing.SoftRouting):
+    return combine_einsum(o_GECD, r, c, e, s)
+  g, _, _, dim = o_GECD.shape
+  o = o_GECD.astype(jnp.float32)
+  if isinstance(r, _routing.ExpertChoice):
+    contrib = o * r.weight[..., None]
+    return jax.vmap(
+        lambda cg, t: jnp.zeros((s, dim), jnp.float32)
+        .at[t.reshape(-1)]
+        .add(cg.reshape(-1, dim))
+    )(contrib, r.token_index)
+  k = r.expert_index.shape[-1]
+  slot = _slots(r, c, e).reshape(g, s * k)
+  o_pad = jnp.concatenate(
+      [o.reshape(g, e * c, dim), jnp.zeros((g, 1, dim), o.dtype)], 1
+  )
+  back = jax.vmap(lambda og, i: og[i])(o_pad, slot).reshape(g, s, k, dim)
+  return jnp.einsum("gskd,gsk->gsd", back, r.weight)
+
+
+_DISPATCH = {
+    "einsum": (dispatch_einsum, combine_einsum),
+    "sort": (dispatch_sort, combine_sort),
+}
+
+
+def _buffered(method):
+  dispatch, combine = _DISPATCH[method]
+
+  def run(experts, x_GSD, r, c, act):
+    e = experts["wi"].shape[0]
+    x_GECD = dispatch(x_GSD, r, c, e)
+    o_GECD = expert_mlp(experts, x_GECD, act)
+    return combine(o_GECD, r, c, e, x_GSD.shape[1])
+
+  return run
+
+
+def _ragged(experts, x_GSD, r, c, act):
+  """Sorted rows + ``jax.lax.ragged_dot`` (dense on CPU, see module doc)."""
+  if isinstance(r, _routing.SoftRouting):
+    return _buffered("einsum")(experts, x_GSD, r, c, act)
+  act = _activation(act)
+  wi, wo = experts["wi"], experts["wo"]
+  e = wi.shape[0]
+  g, s, dim = x_GSD.shape
+  x = x_GSD.astype(wi.dtype)
+
+  def experts_on(rows, sizes):
+    h = jax.lax.ragged_dot(rows, wi, sizes)
+    return jax.lax.ragged_dot(act(h), wo, sizes)
+
+  if isinstance(r, _routing.ExpertChoice):
+    # Buffers are full: expert-major rows [E * G * C], C * G rows each.
+    rows = jax.vmap(lambda xg, t: xg[t])(x, r.token_index)  # [G, E, C, D]
+    rows = jnp.swapaxes(rows, 0, 1).reshape(-1, dim)
+    sizes = jnp.full((e,), g * c, jnp.int32)
+    out = experts_on(rows, sizes).reshape(e, g, c, dim)
+    o_GECD = jnp.swapaxes(out, 0, 1)
+    return combine_sort(o_GECD, r, c, e, s)
+  k = r.expert_index.shape[-1]
+  n = g * s * k
+  e_flat = jnp.where(r.kept, r.expert_index, e).reshape(n)
+  order = jnp.argsort(e_flat, stable=True)  # kept rows by expert, drops last
+  sizes = jnp.bincount(e_flat, length=e + 1)[:e].astype(jnp.int32)
+  rows = x.reshape(g * s, dim)[order // k]
+  out = experts_on(rows, sizes)  # rows past sum(sizes) come out as 0
+  back = jnp.zeros((n, dim), out.dtype).at[order].set(out)
+  back = back.reshape(g, s, k, dim).astype(jnp.float32)
+  return jnp.einsum("gskd,gsk->gsd", back, r.weight)
+
+
+_LOCAL_BACKENDS = {
+    "einsum": _buffered("einsum"),
+    "sort": _buffered("sort"),
+    "ragged": _ragged,
+}
+
+
+def _group_keys(key, g0, g):
+  if key is None:
+    return None
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(
+      g0 + jnp.arange(g, dtype=jnp.int32)
+  )
+
+
+# ----------------------------------------------------------------------------
+# The layer.
+
+
+def apply(
+    params: Mapping[str, Any],
+    x: jax.typing.ArrayLike,
+    *,
+    num_selected: int,
+    capacity_factor: float | None,
+    router: str = "top_k",
+    backend: str = "einsum",
+    key: jax.Array | None = None,
+    **options: Any,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  r"""Mixture-of-experts layer: ``y = Σ_k w_k · expert_{e_k}(x)`` per token.
+
+  Tokens (all leading axes of ``x`` flattened) are split into
+  ``num_groups`` equal groups, routed per group with
+  ``capacity(S, E, k, capacity_factor)`` slots per expert (see
+  :func:`mtx.moe.capacity`), sent to their experts by ``backend`` and
+  combined. Dropped assignments contribute 0: add the residual yourself.
+
+  Args:
+    params: ``{"router": {"kernel": [D, E]}, "experts": {"wi": [E, D, F],
+      "wo": [E, F, D]}}``; optional ``router/bias`` ``[E]``, per-task router
+      ``router/kernel`` ``[T, D, E]`` or ``router/task_embedding``
+      ``[T, D]``, shared experts ``shared/{wi, wo}``. Soft MoE takes a
+      ``[D, E * slots]`` router kernel.
+    x: tokens ``[..., D]``.
+    num_selected: experts per token ``k`` in ``[1, E]`` (expert choice: the
+      capacity uses it as the average experts per token; soft: unused).
+    capacity_factor: > 0, or ``None`` for no drops (buffers of ``S``
+      slots; cheap only with ``backend="ragged"`` on accelerators).
+    router: one of :data:`ROUTERS`.
+    backend: one of :data:`BACKENDS`.
+    key: PRNG key for noisy gating, GShard's random second expert and
+      random routing (folded with the group index, so results do not
+      depend on sharding).
+    **options: ``activation`` ("gelu"; "relu", "gelu_exact", "silu" or a
+      callable), ``num_groups`` (1), ``capacity`` (an explicit ``C``,
+      overrides the factor), ``normalize`` (top-k gate renormalisation,
+      default ``k > 1``), ``batch_priority`` (False), ``second_expert_policy``
+      ("all" or "random"), ``noise_std`` (0.0), ``task_ids`` (int, broadcast
+      to ``x.shape[:-1]``), ``token_ids`` (for ``router="hash"``; default
+      the flat token position); for ``"expert_parallel"`` also ``mesh``,
+      ``data_axis``, ``expert_axis``, ``dispatch``.
+
+  Returns:
+    ``(y, aux)``: ``y`` like ``x``; ``aux`` the router metrics
+    (``load_balance_loss``, ``router_z_loss``, ``router_entropy``,
+    ``expert_load`` [E], ``expert_fill`` [E], ``drop_fraction``; see
+    :mod:`mtx.moe.routing`) plus ``capacity`` (the int ``C``).
+
+  Raises:
+    ValueError: unknown router, backend or option, bad shapes,
+      ``num_selected`` outside ``[1, E]``, a token count not divisible by
+      ``num_groups``, or randomness requested without ``key``.
+
+  >>> import jax, jax.numpy as jnp
+  >>> from mtx import moe
+  >>> p = moe.init(jax.random.key(0), d_model=8, hidden=16, num_experts=4)
+  >>> x = jax.random.normal(jax.random.key(1), (2, 6, 8))
+  >>> y, aux = moe.apply(p, x, num_selected=2, capacity_factor=1.25)
+  >>> y.shape, aux["capacity"], aux["expert_load"].shape
+  ((2, 6, 8), 8, (4,))
+  >>> y2, _ = moe.apply(p, x, num_selected=2, capacity_factor=1.25,
+  ...                   backend="sort")
+  >>> bool(jnp.allclose(y, y2, atol=1e-5))
+  True
+  """
+  if backend not in BACKENDS:
+    raise ValueError(f"unknown backend {backend!r}; known: {list(BACKENDS)}")
+  if router not in ROUTERS:
+    raise ValueError(f"unknown router {router!r}; known: {list(ROUTERS)}")
+  if backend == "expert_parallel":
+    from mtx.moe import sharded  # pylint: disable=g-import-not-at-top
+
+    return sharded.apply(
+        params,
+        x,
+        num_selected=num_selected,
+        capacity_factor=capacity_factor,
+        router=router,
+        key=key,
+        **options,
+    )
+  opts = _check_options(options)
+  x = jnp.asarray(x)
+  e, d, _ = _check_params(params, x)
+  token_shape = x.shape[:-1]
+  n = math.prod(token_shape)
+  g = opts["num_groups"]
+  if not isinstance(g, int) or g < 1 or n % g:
+    raise ValueError(
+        f"num_groups must be a positive int dividing the {n} tokens, got {g!r}"
+    )
+  s = n // g
+  x_GSD = x.reshape(g, s, d)
+  task_ids = _tokens_GS(opts["task_ids"], "task_ids", token_shape, g, s)
+  token_ids = _tokens_GS(opts["token_ids"], "token_ids", token_shape, g, s)
+  if router == "hash" and token_ids is None:
+    token_ids = jnp.arange(n, dtype=jnp.int32).reshape(g, s)
+  r, c = _route(
+      params["router"],
+      x_GSD,
+      router=router,
+      num_experts=e,
+      num_selected=num_selected,
+      capacity_factor=capacity_factor,
+      keys_G=_group_keys(key, 0, g),
+      task_ids_GS=task_ids,
+      token_ids_GS=token_ids,
+      opts=opts,
+  )
+  act = _activation(opts["activation"])
+  y = _LOCAL_BACKENDS[backend](params["experts"], x_GSD, r, c, act)
+  if "shared" in params:
+    y = y + _shared(params["shared"], x_GSD, act).astype(jnp.float32)
+  aux = dict(r.metrics)
+  aux["capacity"] = c
+  return y.astype(x.dtype).reshape(x.shape), aux

@@ -1,0 +1,749 @@
+r"""Routers: pure functions from router logits to a routing decision.
+
+Axis letters as in :mod:`mtx.moe` (``G`` groups, ``S`` tokens per group, ``E``
+experts, ``C`` capacity, ``K`` selected, ``T`` tasks, ``D`` model width).
+Routing is independent per group; capacity is per group and expert.
+
+A router returns one of three layouts, all NamedTuples of arrays plus a
+``metrics`` dict (float32 scalars and ``[E]`` vectors):
+
+* :class:`TokenChoice` (``top_k``, ``hash``, ``random``): every token picks
+  ``K`` experts; ``expert_index``/``position``/``weight``/``kept`` are
+  ``[G, S, K]``. ``position`` is the slot of the assignment in its expert's
+  buffer; an assignment is kept when ``position < capacity``. Buffers are
+  filled in priority order: all first choices before any second choice
+  (GShard/V-MoE), tokens in sequence order, or by decreasing top gate with
+  batch-priority routing (V-MoE BPR). Dropped assignments get weight 0, so a
+  token dropped by all its experts produces 0 and passes through the
+  caller's residual.
+* :class:`ExpertChoice` (Zhou et al.): every expert picks its top-``C``
+  tokens; ``token_index``/``weight`` are ``[G, E, C]``.
+* :class:`SoftRouting` (Puigcerver et al.): dense ``dispatch``/``combine``
+  weights ``[G, S, E, C]`` with ``C`` slots per expert; no token is dropped.
+
+Metrics (every router): ``load_balance_loss`` (Switch: ``E Σ_e f_e P_e``
+with ``f_e`` the fraction of routed assignments sent to expert ``e`` and
+``P_e`` its mean router probability, averaged over groups; exactly 1.0 when
+either is uniform, gradient through ``P`` only), ``router_z_loss``
+(ST-MoE: ``mean_tokens logsumexp(logits)²`` of the clean logits),
+``router_entropy`` (mean entropy of the router probabilities, nats),
+``expert_load`` ``[E]`` (fraction of routed assignments per expert, before
+capacity; sums to 1), ``expert_fill`` ``[E]`` (fraction of each expert's
+buffer slots used, after capacity) and ``drop_fraction`` (fraction of routed
+assignments dropped for lack of capacity). Routers balanced by construction
+(expert choice, soft) report ``load_balance_loss = 1.0``. Suggested weights:
+1e-2 for the load-balance loss, 1e-3 for the z-loss (:func:`aux_loss`).
+
+All router math is float32 whatever the input dtype. Randomness (noisy
+gating, GShard random second expert, random routing) takes an explicit
+``key``: one key, or one key per group (shape ``[G]``); the layers pass
+per-group keys so that sharded and unsharded runs draw the same numbers.
+
+Example:
+
+>>> import jax.numpy as jnp
+>>> from mtx.moe import routing
+>>> logits = jnp.array([[[2.0, 0.0], [3.0, 0.0], [0.0, 1.0]]])  # [G=1,S=3,E=2]
+>>> r = routing.top_k_routing(logits, num_selected=1, capacity=1)
+>>> r.expert_index[..., 0].tolist(), r.kept[..., 0].tolist()
+([[0, 0, 1]], [[True, False, True]])
+>>> r = routing.top_k_routing(
+...     logits, num_selected=1, capacity=1, batch_priority=True)
+>>> r.kept[..., 0].tolist()  # token 1 has the larger gate: it goes first
+[[False, True, True]]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "ExpertChoice",
+    "SoftRouting",
+    "TokenChoice",
+    "aux_loss",
+    "capacity",
+    "expert_choice_routing",
+    "hash_routing",
+    "random_routing",
+    "router_logits",
+    "soft_routing",
+    "top_k_routing",
+]
+
+Metrics = dict[str, jax.Array]
+
+
+class TokenChoice(NamedTuple):
+  """Token-choice routing: every token picks ``K`` experts.
+
+  Attributes:
+    expert_index: int32 ``[G, S, K]``, the chosen experts (distinct per
+      token, best first).
+    position: int32 ``[G, S, K]``, slot of the assignment in the expert's
+      buffer (meaningful where ``kept``).
+    weight: float32 ``[G, S, K]``, combine weight; 0 where not kept.
+    kept: bool ``[G, S, K]``, the assignment is processed.
+    probs: float32 ``[G, S, E]``, router probabilities.
+    metrics: dict of float32 metrics (see the module docstring).
+  """
+
+  expert_index: jax.Array
+  position: jax.Array
+  weight: jax.Array
+  kept: jax.Array
+  probs: jax.Array
+  metrics: Metrics
+
+
+class ExpertChoice(NamedTuple):
+  """Expert-choice routing: every expert picks ``C`` tokens.
+
+  Attributes:
+    token_index: int32 ``[G, E, C]``, the tokens each expert processes.
+    weight: float32 ``[G, E, C]``, their combine weights.
+    probs: float32 ``[G, S, E]``, router probabilities.
+    metrics: dict of float32 metrics.
+  """
+
+  token_index: jax.Array
+  weight: jax.Array
+  probs: jax.Array
+  metrics: Metrics
+
+
+class SoftRouting(NamedTuple):
+  """Soft MoE routing: every slot is a convex combination of all tokens.
+
+  Attributes:
+    dispatch: float32 ``[G, S, E, C]``; softmax over tokens ``S``.
+    combine: float32 ``[G, S, E, C]``; softmax over slots ``(E, C)``.
+    metrics: dict of float32 metrics.
+  """
+
+  dispatch: jax.Array
+  combine: jax.Array
+  metrics: Metrics
+
+
+Routing = TokenChoice | ExpertChoice | SoftRouting
+
+
+# ----------------------------------------------------------------------------
+# Capacity and logits.
+
+
+def capacity(
+    num_tokens: int,
+    num_experts: int,
+    num_selected: int,
+    capacity_factor: float | None,
+    *,
+    multiple: int = 4,
+) -> int:
+  """Buffer slots per expert: ``ceil(factor * tokens * k / experts)``.
+
+  Rounded up to a multiple of ``multiple`` (4). Train and eval usually use
+  different factors (e.g. 1.25 and 2.0): pass the one in use. ``None``
+  means no drops: ``num_tokens`` slots (every token fits every expert).
+
+  Args:
+    num_tokens: tokens routed together (one group).
+    num_experts: number of experts ``E``.
+    num_selected: experts per token ``K``.
+    capacity_factor: slots relative to a perfectly balanced load, > 0, or
+      ``None``.
+    multiple: round up to a multiple of this.
+
+  Returns:
+    The capacity ``C`` (a Python int, at least ``multiple``).
+
+  Raises:
+    ValueError: non-positive sizes or factor.
+
+  >>> capacity(8192, 8, 2, 1.25)
+  2560
+  >>> capacity(10, 4, 1, 1.0)  # ceil(2.5) = 3 -> 4
+  4
+  """
+  for name, v in (
+      ("num_tokens", num_tokens),
+      ("num_experts", num_experts),
+      ("num_selected", num_selected),
+      ("multiple", multiple),
+  ):
+    if not isinstance(v, int) or v < 1:
+      raise ValueError(f"{name} must be a positive int, got {v!r}")
+  if capacity_factor is None:
+    return num_tokens
+  if not capacity_factor > 0:
+    raise ValueError(f"capacity_factor must be > 0, got {capacity_factor!r}")
+  c = math.ceil(capacity_factor * num_tokens * num_selected / num_experts)
+  return max(multiple, -(-c // multiple) * multiple)
+
+
+def router_logits(
+    router: Mapping[str, jax.Array],
+    x_GSD: jax.Array,
+    *,
+    task_ids_GS: jax.Array | None = None,
+) -> jax.Array:
+  """float32 router logits ``[G, S, X]`` for tokens ``x_GSD``.
+
+  ``router`` holds ``kernel`` ``[D, X]`` (``X = E``, or ``E * slots`` for
+  soft MoE) and optionally ``bias`` ``[X]``. Task-conditioned routing
+  (M³ViT, Mod-Squad) takes ``task_ids_GS`` (int, one task per token) and
+  either a router per task (``kernel`` ``[T, D, X]``) or a learned task
+  embedding added to the router input (``task_embedding`` ``[T, D]``).
+
+  Raises:
+    ValueError: a task-conditioned router without ``task_ids_GS``, or a
+      kernel whose input width is not ``D``.
+
+  >>> import jax.numpy as jnp
+  >>> r = {"kernel": jnp.stack([jnp.eye(2), -jnp.eye(2)])}  # T=2 routers
+  >>> x = jnp.ones((1, 2, 2)).at[0, :, 1].set(0.0)
+  >>> router_logits(r, x, task_ids_GS=jnp.array([[0, 1]])).tolist()
+  [[[1.0, 0.0], [-1.0, 0.0]]]
+  """
+  kernel = jnp.asarray(router["kernel"])
+  x = jnp.asarray(x_GSD).astype(jnp.float32)
+  d = x.shape[-1]
+  if kernel.shape[-2] != d:
+    raise ValueError(
+        f"router kernel {list(kernel.shape)} does not take inputs of width {d}"
+    )
+  per_task = kernel.ndim == 3
+  if (per_task or "task_embedding" in router) and task_ids_GS is None:
+    raise ValueError(
+        "task-conditioned router (kernel [T, D, E] or task_embedding) needs "
+        "task_ids"
+    )
+  if "task_embedding" in router:
+    emb = jnp.asarray(router["task_embedding"]).astype(jnp.float32)
+    x = x + emb[task_ids_GS]
+  kernel = kernel.astype(jnp.float32)
+  if per_task:
+    # One [G, S, T, X] product, then each token keeps its task's row: cheap
+    # for the handful of tasks this is meant for.
+    all_tasks = jnp.einsum("gsd,tdx->gstx", x, kernel)
+    logits = jnp.take_along_axis(
+        all_tasks, task_ids_GS[..., None, None], axis=2
+    )[:, :, 0]
+  elif kernel.ndim == 2:
+    logits = jnp.einsum("gsd,dx->gsx", x, kernel)
+  else:
+    raise ValueError(
+        f"router kernel must be [D, E] or [T, D, E], got {list(kernel.shape)}"
+    )
+  if "bias" in router:
+    logits = logits + jnp.asarray(router["bias"]).astype(jnp.float32)
+  return logits
+
+
+def aux_loss(
+    aux: Mapping[str, jax.Array],
+    *,
+    load_balance_weight: float = 1e-2,
+    z_loss_weight: float = 1e-3,
+) -> jax.Array:
+  """The weighted auxiliary loss to add to the task loss.
+
+  ``load_balance_weight * load_balance_loss + z_loss_weight *
+  router_z_loss`` with the Switch (1e-2) and ST-MoE (1e-3) defaults.
+
+  >>> import jax.numpy as jnp
+  >>> float(aux_loss({"load_balance_loss": jnp.float32(1.0),
+  ...                 "router_z_loss": jnp.float32(2.0)}))
+  0.012
+  """
+  return load_balance_weight * aux["load_balance_loss"] + (
+      z_loss_weight * aux["router_z_loss"]
+  )
+
+
+# ----------------------------------------------------------------------------
+# Shared pieces.
+
+
+def _as_logits(logits: jax.typing.ArrayLike, name: str = "logits") -> jax.Array:
+  logits = jnp.asarray(logits)
+  if logits.ndim != 3:
+    raise ValueError(f"{name} must be [G, S, E], got shape {logits.shape}")
+  return logits.astype(jnp.float32)
+
+
+def _check_k(num_selected: Any, num_experts: int) -> int:
+  if (
+      isinstance(num_selected, bool)
+      or not isinstance(num_selected, int)
+      or not 1 <= num_selected <= num_experts
+  ):
+    raise ValueError(
+        f"num_selected must be an int in [1, {num_experts}] (the number of "
+        f"experts), got {num_selected!r}"
+    )
+  return num_selected
+
+
+def _check_capacity(c: Any) -> int | None:
+  if c is None:
+    return None
+  if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+    raise ValueError(f"capacity must be a positive int or None, got {c!r}")
+  return c
+
+
+def _draw(
+    fn: Callable[[jax.Array, tuple[int, ...]], jax.Array],
+    key: jax.Array,
+    shape: tuple[int, ...],
+) -> jax.Array:
+  """``fn(key, shape)``, or per group when ``key`` holds one key per group."""
+  key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    per_group = key.ndim == 1
+  else:  # raw uint32 keys: [2] for one key, [G, 2] per group
+    per_group = key.ndim == 2
+  if not per_group:
+    return fn(key, shape)
+  if key.shape[0] != shape[0]:
+    raise ValueError(
+        f"got {key.shape[0]} per-group keys for {shape[0]} groups"
+    )
+  return jax.vmap(lambda k: fn(k, shape[1:]))(key)
+
+
+def _entropy(probs: jax.Array, axis: int = -1) -> jax.Array:
+  return -jnp.sum(
+      jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1)), 0),
+      axis=axis,
+  )
+
+
+def _z_loss(logits: jax.Array) -> jax.Array:
+  return jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
+
+
+def _assign_positions(
+    expert_index_GSK: jax.Array,
+    active_GSK: jax.Array,
+    num_experts: int,
+    priority_GS: jax.Array | None,
+) -> tuple[jax.Array, jax.Array]:
+  """Buffer slot of every assignment, and the routed count per expert.
+
+  Assignments are ranked by (choice k, token priority); the slot of an
+  assignment is the number of higher-ranked assignments to the same expert.
+  Inactive assignments are ranked after everything and take no slot.
+  """
+  g, s, k = expert_index_GSK.shape
+  e_total = num_experts + 1
+  if e_total * s * k >= 2**31:
+    raise ValueError(
+        f"too many assignments per group to rank in int32: S={s}, K={k}, "
+        f"E={num_experts}; use more groups"
+    )
+  if priority_GS is None:
+    token_rank = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (g, s))
+  else:
+    order = jnp.argsort(-priority_GS, axis=-1, stable=True)
+    token_rank = jnp.argsort(order, axis=-1).astype(jnp.int32)
+  choice = jnp.arange(k, dtype=jnp.int32)
+  rank_GSK = choice * s + token_rank[..., None]  # unique in [0, S*K)
+  e_GSK = jnp.where(active_GSK, expert_index_GSK, num_experts)
+  key = (e_GSK * (s * k) + rank_GSK).reshape(g, s * k)
+  order = jnp.argsort(key, axis=-1)
+  sorted_pos = jnp.argsort(order, axis=-1).reshape(g, s, k)
+  counts_GE = jax.vmap(lambda e: jnp.bincount(e, length=e_total))(
+      e_GSK.reshape(g, s * k)
+  )
+  starts_GE = jnp.cumsum(counts_GE, axis=-1) - counts_GE
+  start_GSK = jnp.take_along_axis(
+      starts_GE, e_GSK.reshape(g, s * k), axis=-1
+  ).reshape(g, s, k)
+  position = (sorted_pos - start_GSK).astype(jnp.int32)
+  return position, counts_GE[:, :num_experts]
+
+
+def _token_choice(
+    *,
+    logits: jax.Array,
+    probs: jax.Array,
+    expert_index: jax.Array,
+    gates: jax.Array,
+    active: jax.Array,
+    capacity: int | None,
+    priority: jax.Array | None,
+) -> TokenChoice:
+  g, s, k = expert_index.shape
+  e = probs.shape[-1]
+  position, routed_GE = _assign_positions(expert_index, active, e, priority)
+  kept = active if capacity is None else active & (position < capacity)
+  weight = jnp.where(kept, gates, 0.0).astype(jnp.float32)
+  routed_GE = routed_GE.astype(jnp.float32)
+  n_routed_G = jnp.maximum(routed_GE.sum(-1), 1.0)
+  f_GE = jax.lax.stop_gradient(routed_GE / n_routed_G[:, None])
+  p_GE = probs.mean(axis=1)
+  n_routed = jnp.maximum(routed_GE.sum(), 1.0)
+  kept_GE = jnp.zeros((g, e), jnp.float32).at[
+      jnp.arange(g)[:, None], expert_index.reshape(g, s * k)
+  ].add(kept.reshape(g, s * k).astype(jnp.float32))
+  slots = s if capacity is None else capacity
+  metrics = {
+      "load_balance_loss": jnp.mean(e * jnp.sum(f_GE * p_GE, axis=-1)),
+      "router_z_loss": _z_loss(logits),
+      "router_entropy": jnp.mean(_entropy(probs)),
+      "expert_load": routed_GE.sum(0) / n_routed,
+      "expert_fill": kept_GE.sum(0) / (g * slots),
+      "drop_fraction": 1.0 - kept_GE.sum() / n_routed,
+  }
+  return TokenChoice(
+      expert_index=expert_index.astype(jnp.int32),
+      position=position,
+      weight=weight,
+      kept=kept,
+      probs=probs,
+      metrics=metrics,
+  )
+
+
+# ----------------------------------------------------------------------------
+# Routers.
+
+
+def top_k_routing(
+    logits_GSE: jax.typing.ArrayLike,
+    *,
+    num_selected: int,
+    capacity: int | None,
+    normalize: bool | None = None,
+    batch_priority: bool = False,
+    second_expert_policy: str = "all",
+    noise_std: float = 0.0,
+    key: jax.Array | None = None,
+) -> TokenChoice:
+  r"""Top-k token-choice routing (Switch k=1, GShard / Mixtral k=2).
+
+  ``p = softmax(logits)`` over experts; each token picks its ``k`` most
+  probable experts with gates ``p_k`` (renormalised to sum to 1 when
+  ``normalize``, the GShard / Mixtral rule; Switch uses the raw ``p_1``).
+  Assignments beyond ``capacity`` are dropped (weight 0) in priority order:
+  all first choices before any second choice; tokens in sequence order, or
+  by decreasing top probability with ``batch_priority`` (V-MoE BPR).
+
+  Args:
+    logits_GSE: router logits ``[G, S, E]`` (computed in float32).
+    num_selected: ``k`` in ``[1, E]``.
+    capacity: slots per expert and group (:func:`capacity`), or ``None``
+      for no drops.
+    normalize: renormalise the top-k gates to sum to 1; default: ``k > 1``.
+    batch_priority: fill buffers by decreasing top gate (V-MoE BPR).
+    second_expert_policy: ``"all"`` (every token goes to its k experts) or
+      ``"random"`` (GShard, ``k = 2``: the second expert is used with
+      probability ``min(1, 2 g_2)`` of the renormalised second gate; needs
+      ``key``).
+    noise_std: standard deviation of Gaussian noise added to the logits
+      before selection (noisy gating; needs ``key``). The z-loss uses the
+      clean logits, everything else the noisy ones.
+    key: PRNG key, or one per group (``[G]``), for noise / random policy.
+
+  Returns:
+    A :class:`TokenChoice`.
+
+  Raises:
+    ValueError: bad shapes, ``num_selected`` outside ``[1, E]``, unknown
+      policy, or randomness requested without ``key``.
+
+  >>> import jax.numpy as jnp
+  >>> logits = jnp.log(jnp.array([[[0.5, 0.3, 0.2]]]))
+  >>> r = top_k_routing(logits, num_selected=2, capacity=4)
+  >>> r.expert_index.tolist(), [round(w, 3) for w in r.weight[0, 0].tolist()]
+  ([[[0, 1]]], [0.625, 0.375])
+
+  References:
+    Fedus et al., Switch Transformers, https://arxiv.org/abs/2101.03961;
+    Lepikhin et al., GShard, https://arxiv.org/abs/2006.16668;
+    Riquelme et al., V-MoE, https://arxiv.org/abs/2106.05974.
+  """
+  clean = _as_logits(logits_GSE)
+  e = clean.shape[-1]
+  k = _check_k(num_selected, e)
+  capacity = _check_capacity(capacity)
+  if second_expert_policy not in ("all", "random"):
+    raise ValueError(
+        f"second_expert_policy must be 'all' or 'random', got "
+        f"{second_expert_policy!r}"
+    )
+  if second_expert_policy == "random" and k != 2:
+    raise ValueError(
+        f"second_expert_policy='random' is GShard's top-2 rule; num_selected "
+        f"is {k}"
+    )
+  if not noise_std >= 0:
+    raise ValueError(f"noise_std must be >= 0, got {noise_std!r}")
+  needs_key = noise_std > 0 or second_expert_policy == "random"
+  if needs_key and key is None:
+    raise ValueError(
+        "noisy gating / random second expert need an explicit key"
+    )
+  logits = clean
+  if noise_std > 0:
+    key, sub = _split(key)
+    logits = logits + noise_std * _draw(jax.random.normal, sub, logits.shape)
+  probs = jax.nn.softmax(logits, axis=-1)
+  gates, index = jax.lax.top_k(probs, k)
+  if normalize is None:
+    normalize = k > 1 or second_expert_policy == "random"
+  if normalize:
+    gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
+  active = jnp.ones(index.shape, bool)
+  if second_expert_policy == "random":
+    u = _draw(jax.random.uniform, key, index.shape[:2])
+    use_second = u < 2.0 * jax.lax.stop_gradient(gates[..., 1])
+    active = active.at[..., 1].set(use_second)
+  priority = jax.lax.stop_gradient(probs.max(-1)) if batch_priority else None
+  return _token_choice(
+      logits=clean,
+      probs=probs,
+      expert_index=index,
+      gates=gates,
+      active=active,
+      capacity=capacity,
+      priority=priority,
+  )
+
+
+def _split(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Splits one key, or each of a batch of per-group keys."""
+  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    batched = key.ndim == 1
+  else:
+    batched = jnp.ndim(key) == 2
+  if batched:
+    pair = jax.vmap(jax.random.split)(key)
+    return pair[:, 0], pair[:, 1]
+  a, b = jax.random.split(key)
+  return a, b
+
+
+def expert_choice_routing(
+    logits_GSE: jax.typing.ArrayLike, *, capacity: int
+) -> ExpertChoice:
+  r"""Expert-choice routing: each expert takes its top-``C`` tokens.
+
+  ``p = softmax(logits)`` over experts; expert ``e`` processes the ``C``
+  tokens with the largest ``p[:, e]`` (ties: lower token index first) with
+  combine weight ``p[s, e]``. A token may be picked by several experts or
+  by none (``drop_fraction`` counts the latter). Balanced by construction,
+  so ``load_balance_loss`` is 1.0 and ``expert_load`` is uniform.
+
+  Args:
+    logits_GSE: router logits ``[G, S, E]``.
+    capacity: tokens per expert, ``1 <= C <= S``.
+
+  Returns:
+    An :class:`ExpertChoice`.
+
+  >>> import jax.numpy as jnp
+  >>> logits = jnp.array([[[1.0, 0.0], [0.0, 1.0], [2.0, 0.0]]])
+  >>> expert_choice_routing(logits, capacity=1).token_index.tolist()
+  [[[2], [1]]]
+
+  References:
+    Zhou et al., Mixture-of-Experts with Expert Choice Routing,
+    https://arxiv.org/abs/2202.09368.
+  """
+  logits = _as_logits(logits_GSE)
+  g, s, e = logits.shape
+  c = _check_capacity(capacity)
+  if c is None or c > s:
+    raise ValueError(
+        f"expert-choice capacity must be an int in [1, {s}] (tokens per "
+        f"group), got {capacity!r}"
+    )
+  probs = jax.nn.softmax(logits, axis=-1)
+  weight, token_index = jax.lax.top_k(jnp.swapaxes(probs, 1, 2), c)
+  chosen_GS = (
+      jnp.zeros((g, s), jnp.float32)
+      .at[jnp.arange(g)[:, None], token_index.reshape(g, e * c)]
+      .add(1.0)
+  )
+  metrics = {
+      "load_balance_loss": jnp.float32(1.0),
+      "router_z_loss": _z_loss(logits),
+      "router_entropy": jnp.mean(_entropy(probs)),
+      "expert_load": jnp.full((e,), 1.0 / e, jnp.float32),
+      "expert_fill": jnp.ones((e,), jnp.float32),
+      "drop_fraction": jnp.mean((chosen_GS == 0).astype(jnp.float32)),
+  }
+  return ExpertChoice(
+      token_index=token_index.astype(jnp.int32),
+      weight=weight,
+      probs=probs,
+      metrics=metrics,
+  )
+
+
+def soft_routing(
+    logits_GSX: jax.typing.ArrayLike, *, num_experts: int
+) -> SoftRouting:
+  r"""Soft MoE: slots are weighted averages of tokens, outputs of slots.
+
+  ``logits`` ``[G, S, E * C]`` score every token against every slot (``C``
+  slots per expert). ``dispatch = softmax over tokens`` (each slot's input
+  is a convex combination of the group's tokens) and ``combine = softmax
+  over slots`` (each token's output a convex combination of the slots'
+  outputs). Nothing is dropped; ``expert_load`` is each expert's share of
+  the combine weights.
+
+  Args:
+    logits_GSX: ``[G, S, E * C]`` token-slot logits.
+    num_experts: ``E``; must divide the last axis.
+
+  Returns:
+    A :class:`SoftRouting` with ``[G, S, E, C]`` weights.
+
+  >>> import jax.numpy as jnp
+  >>> r = soft_routing(jnp.zeros((1, 4, 6)), num_experts=3)
+  >>> r.dispatch.shape, float(r.dispatch[0, 0, 0, 0]), float(r.combine[0, 0, 0, 0])
+  ((1, 4, 3, 2), 0.25, 0.1666666716337204)
+
+  References:
+    Puigcerver et al., From Sparse to Soft Mixtures of Experts,
+    https://arxiv.org/abs/2308.00951.
+  """
+  logits = _as_logits(logits_GSX, "logits_GSX")
+  g, s, x = logits.shape
+  if not isinstance(num_experts, int) or num_experts < 1 or x % num_experts:
+    raise ValueError(
+        f"num_experts must be a positive int dividing the {x} slots, got "
+        f"{num_experts!r}"
+    )
+  c = x // num_experts
+  dispatch = jax.nn.softmax(logits, axis=1).reshape(g, s, num_experts, c)
+  combine_flat = jax.nn.softmax(logits, axis=2)
+  combine = combine_flat.reshape(g, s, num_experts, c)
+  metrics = {
+      "load_balance_loss": jnp.float32(1.0),
+      "router_z_loss": _z_loss(logits),
+      "router_entropy": jnp.mean(_entropy(combine_flat)),
+      "expert_load": combine.sum(-1).mean((0, 1)),
+      "expert_fill": jnp.ones((num_experts,), jnp.float32),
+      "drop_fraction": jnp.float32(0.0),
+  }
+  return SoftRouting(dispatch=dispatch, combine=combine, metrics=metrics)
+
+
+def _hash32(x: jax.Array) -> jax.Array:
+  """A fixed 32-bit integer mix (murmur3 finaliser)."""
+  x = x.astype(jnp.uint32)
+  x = (x ^ (x >> 16)) * jnp.uint32(0x85EBCA6B)
+  x = (x ^ (x >> 13)) * jnp.uint32(0xC2B2AE35)
+  return x ^ (x >> 16)
+
+
+def hash_routing(
+    logits_GSE: jax.typing.ArrayLike,
+    token_ids_GS: jax.typing.ArrayLike,
+    *,
+    num_selected: int,
+    capacity: int | None,
+) -> TokenChoice:
+  r"""Hash routing baseline: the expert is a fixed hash of the token id.
+
+  Choice ``k`` of token ``t`` is expert ``(hash(t) + k) mod E`` (so the
+  ``k`` experts are distinct), each with weight ``1 / k``. The router
+  logits only feed the metrics and auxiliary losses; nothing is learned.
+
+  Args:
+    logits_GSE: router logits ``[G, S, E]``.
+    token_ids_GS: int ids (vocabulary ids, or positions) ``[G, S]``.
+    num_selected: ``k`` in ``[1, E]``.
+    capacity: slots per expert and group, or ``None``.
+
+  Returns:
+    A :class:`TokenChoice`.
+
+  >>> import jax.numpy as jnp
+  >>> ids = jnp.array([[7, 7, 3]])
+  >>> r = hash_routing(jnp.zeros((1, 3, 4)), ids, num_selected=1, capacity=4)
+  >>> i = r.expert_index[0, :, 0].tolist(); i[0] == i[1]
+  True
+
+  References:
+    Roller et al., Hash Layers For Large Sparse Models,
+    https://arxiv.org/abs/2106.04426.
+  """
+  logits = _as_logits(logits_GSE)
+  e = logits.shape[-1]
+  k = _check_k(num_selected, e)
+  capacity = _check_capacity(capacity)
+  ids = jnp.asarray(token_ids_GS)
+  if ids.shape != logits.shape[:2]:
+    raise ValueError(
+        f"token_ids must have shape {logits.shape[:2]}, got {ids.shape}"
+    )
+  base = (_hash32(ids) % jnp.uint32(e)).astype(jnp.int32)
+  index = (base[..., None] + jnp.arange(k, dtype=jnp.int32)) % e
+  probs = jax.nn.softmax(logits, axis=-1)
+  return _token_choice(
+      logits=logits,
+      probs=probs,
+      expert_index=index,
+      gates=jnp.full(index.shape, 1.0 / k, jnp.float32),
+      active=jnp.ones(index.shape, bool),
+      capacity=capacity,
+      priority=None,
+  )
+
+
+def random_routing(
+    logits_GSE: jax.typing.ArrayLike,
+    key: jax.Array,
+    *,
+    num_selected: int,
+    capacity: int | None,
+) -> TokenChoice:
+  """Random routing baseline: ``k`` distinct uniformly random experts.
+
+  Each with weight ``1 / k``; the logits only feed the metrics.
+
+  Args:
+    logits_GSE: router logits ``[G, S, E]``.
+    key: PRNG key, or one per group.
+    num_selected: ``k`` in ``[1, E]``.
+    capacity: slots per expert and group, or ``None``.
+
+  Returns:
+    A :class:`TokenChoice`.
+
+  >>> import jax, jax.numpy as jnp
+  >>> r = random_routing(jnp.zeros((1, 5, 4)), jax.random.key(0),
+  ...                    num_selected=2, capacity=None)
+  >>> bool((r.expert_index[..., 0] != r.expert_index[..., 1]).all())
+  True
+  """
+  logits = _as_logits(logits_GSE)
+  e = logits.shape[-1]
+  k = _check_k(num_selected, e)
+  capacity = _check_capacity(capacity)
+  if key is None:
+    raise ValueError("random routing needs an explicit key")
+  u = _draw(jax.random.uniform, key, logits.shape)
+  _, index = jax.lax.top_k(u, k)
+  probs = jax.nn.softmax(logits, axis=-1)
+  return _token_choice(
+      logits=logits,
+      probs=probs,
+      expert_index=index,
+      gates=jnp.full(index.shape, 1.0 / k, jnp.float32),
+      active=jnp.ones(index.shape, bool),
+      capacity=capacity,
+      priority=None,
+  )

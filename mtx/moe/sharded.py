@@ -1,0 +1,272 @@
+r"""Expert parallelism: experts sharded on a mesh axis, tokens via all-to-all.
+
+On a mesh with a ``data`` axis and an ``expert`` axis (``n_d x n_e``
+devices):
+
+* token groups ``[G, S, D]`` are sharded over both axes (``G`` a multiple
+  of ``n_d * n_e``; every device routes its own groups, as in V-MoE);
+* expert params (leading ``E`` axis) are sharded over ``expert`` and
+  replicated over ``data``; the router and shared experts are replicated.
+
+Inside ``jax.shard_map`` every device routes its groups, packs them into
+fixed-capacity buffers ``[G_l, E, C, D]``, and one ``all_to_all`` over
+``expert`` sends each expert's slots to the device holding it
+(``[n_e G_l, E / n_e, C, D]``); the local experts run; a second
+``all_to_all`` brings the outputs back, which are combined locally. The
+forward pass has exactly these two all-to-alls (metrics are averaged with
+all-reduces). ``ragged_all_to_all`` is not used: it has no CPU
+implementation.
+
+Routing is per group and random draws are keyed by the global group index,
+so :func:`apply` equals :func:`mtx.moe.apply` with the same ``num_groups``.
+
+Example (on one device the mesh is 1 x 1):
+
+>>> import jax, jax.numpy as jnp, mtx
+>>> mesh = mtx.sharding.make_mesh((1, 1), ("data", "expert"))
+>>> p = mtx.moe.init(jax.random.key(0), d_model=4, hidden=8, num_experts=2)
+>>> x = jnp.ones((4, 4))
+>>> y, aux = mtx.moe.sharded.apply(p, x, mesh=mesh, num_selected=1,
+...                                capacity_factor=2.0)
+>>> want, _ = mtx.moe.apply(p, x, num_selected=1, capacity_factor=2.0)
+>>> bool(jnp.allclose(y, want, atol=1e-6))
+True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mtx import tree as mtree
+from mtx.moe import layer as _layer
+
+P = jax.sharding.PartitionSpec
+
+__all__ = ["apply", "param_specs", "shard_params"]
+
+
+def param_specs(
+    params: Mapping[str, Any], *, expert_axis: str = "expert"
+) -> Any:
+  """``PartitionSpec`` tree: ``experts/*`` on ``expert``, the rest replicated.
+
+  >>> import jax.numpy as jnp
+  >>> param_specs({"router": {"kernel": jnp.ones((4, 2))},
+  ...              "experts": {"wi": jnp.ones((2, 4, 8))}})
+  {'experts': {'wi': PartitionSpec('expert',)}, 'router': {'kernel': PartitionSpec()}}
+  """
+  return mtree.map_with_path(
+      lambda path, _: P(expert_axis) if path.startswith("experts/") else P(),
+      params,
+  )
+
+
+def shard_params(
+    params: Mapping[str, Any],
+    mesh: jax.sharding.Mesh,
+    *,
+    expert_axis: str = "expert",
+) -> Any:
+  """Places ``params`` on ``mesh`` as :func:`param_specs` says.
+
+  Raises:
+    ValueError: ``E`` not divisible by the ``expert`` axis size (names the
+      leaf).
+  """
+  rules = [(r"^experts/", P(expert_axis)), (r".*", P())]
+  from mtx import sharding  # pylint: disable=g-import-not-at-top
+
+  return sharding.shard(params, mesh, rules)
+
+
+def _place(x: Any, mesh: jax.sharding.Mesh, spec: Any) -> Any:
+  """Gives ``x`` the shardings ``spec`` (a spec or a tree of specs).
+
+  Explicit mesh axes: ``reshard`` (``shard_map`` requires the input
+  shardings to match ``in_specs``); auto axes: a sharding constraint.
+  """
+  explicit = all(
+      t == jax.sharding.AxisType.Explicit for t in mesh.axis_types
+  )
+
+  def put(a, sp):
+    s = jax.sharding.NamedSharding(mesh, sp)
+    if explicit:
+      return jax.sharding.reshard(a, s)
+    return jax.lax.with_sharding_constraint(a, s)
+
+  if isinstance(spec, P):
+    return jax.tree.map(lambda a: put(a, spec), x)
+  return jax.tree.map(put, x, spec, is_leaf=lambda v: isinstance(v, P))
+
+
+def apply(
+    params: Mapping[str, Any],
+    x: jax.typing.ArrayLike,
+    *,
+    mesh: jax.sharding.Mesh,
+    num_selected: int,
+    capacity_factor: float | None,
+    router: str = "top_k",
+    key: jax.Array | None = None,
+    data_axis: str = "data",
+    expert_axis: str = "expert",
+    dispatch: str = "sort",
+    **options: Any,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Expert-parallel :func:`mtx.moe.apply` on ``mesh``.
+
+  Args:
+    params: as :func:`mtx.moe.apply`; best placed with :func:`shard_params`
+      (anything else is resharded to that layout first).
+    x: tokens ``[..., D]``.
+    mesh: a mesh with ``data_axis`` and ``expert_axis`` (explicit or auto
+      axis types, e.g. :func:`mtx.sharding.make_mesh`).
+    num_selected: experts per token.
+    capacity_factor: as :func:`mtx.moe.apply` (``None`` = ``S`` slots).
+    router: one of :data:`mtx.moe.ROUTERS`.
+    key: PRNG key (per-group draws, as unsharded).
+    data_axis: mesh axis of pure data parallelism.
+    expert_axis: mesh axis the experts are split over; must divide ``E``.
+    dispatch: how buffers are packed locally, ``"sort"`` or ``"einsum"``.
+    **options: as :func:`mtx.moe.apply`; ``num_groups`` defaults to the
+      number of devices and must be a multiple of it.
+
+  Returns:
+    ``(y, aux)`` as :func:`mtx.moe.apply`. ``y`` has ``x``'s shape; when
+    flattened to ``[G, S, D]`` it is sharded over ``(data, expert)`` on
+    ``G`` (for ``x`` of shape ``[B, ..., D]`` with ``B`` a multiple of
+    ``G``, ``y`` is sharded on its first axis). ``aux`` is replicated.
+
+  Raises:
+    ValueError: as :func:`mtx.moe.apply`, plus missing mesh axes, ``E``
+      not divisible by the expert axis, or groups not divisible by the
+      number of devices.
+  """
+  opts = dict(options)
+  opts.pop("backend", None)
+  opts = _layer._check_options(opts)
+  if router not in _layer.ROUTERS:
+    raise ValueError(
+        f"unknown router {router!r}; known: {list(_layer.ROUTERS)}"
+    )
+  if dispatch not in _layer._DISPATCH:
+    raise ValueError(
+        f"unknown dispatch {dispatch!r}; known: {sorted(_layer._DISPATCH)}"
+    )
+  for ax in (data_axis, expert_axis):
+    if ax not in mesh.shape:
+      raise ValueError(
+          f"mesh has no axis {ax!r}; its axes are {tuple(mesh.shape)}"
+      )
+  x = jnp.asarray(x)
+  e, d, _ = _layer._check_params(params, x)
+  n_e = mesh.shape[expert_axis]
+  n_dev = mesh.shape[data_axis] * n_e
+  if e % n_e:
+    raise ValueError(
+        f"{e} experts are not divisible by the {expert_axis!r} axis of "
+        f"size {n_e}"
+    )
+  token_shape = x.shape[:-1]
+  n = math.prod(token_shape)
+  g = opts["num_groups"] if "num_groups" in options else n_dev
+  if not isinstance(g, int) or g < 1 or g % n_dev or n % g:
+    raise ValueError(
+        f"num_groups must be a multiple of the {n_dev} devices dividing the "
+        f"{n} tokens, got {g!r}"
+    )
+  s = n // g
+  g_local = g // n_dev
+  task_ids = _layer._tokens_GS(opts["task_ids"], "task_ids", token_shape, g, s)
+  token_ids = _layer._tokens_GS(
+      opts["token_ids"], "token_ids", token_shape, g, s
+  )
+  if router == "hash" and token_ids is None:
+    token_ids = jnp.arange(n, dtype=jnp.int32).reshape(g, s)
+  dispatch_fn, combine_fn = _layer._DISPATCH[dispatch]
+  act = _layer._activation(opts["activation"])
+  tokens = (data_axis, expert_axis)
+  capacity_out = []
+
+  def body(params, x_GSD, task_ids, token_ids, key):
+    g0 = jax.lax.axis_index(tokens) * g_local
+    r, c = _layer._route(
+        params["router"],
+        x_GSD,
+        router=router,
+        num_experts=e,
+        num_selected=num_selected,
+        capacity_factor=capacity_factor,
+        keys_G=_layer._group_keys(key, g0, g_local),
+        task_ids_GS=task_ids,
+        token_ids_GS=token_ids,
+        opts=opts,
+    )
+    capacity_out.append(c)
+    x_GECD = dispatch_fn(x_GSD, r, c, e)
+    # [G_l, E, C, D] -> [n_e * G_l, E / n_e, C, D]: my experts, all groups.
+    x_GECD = jax.lax.all_to_all(
+        x_GECD, expert_axis, split_axis=1, concat_axis=0, tiled=True
+    )
+    o_GECD = _layer.expert_mlp(params["experts"], x_GECD, act)
+    o_GECD = jax.lax.all_to_all(
+        o_GECD, expert_axis, split_axis=0, concat_axis=1, tiled=True
+    )
+    y = combine_fn(o_GECD, r, c, e, x_GSD.shape[1])
+    if "shared" in params:
+      y = y + _layer._shared(params["shared"], x_GSD, act).astype(jnp.float32)
+    metrics = jax.tree.map(lambda m: jax.lax.pmean(m, tokens), r.metrics)
+    return y.astype(x_GSD.dtype), metrics
+
+  specs = param_specs(params, expert_axis=expert_axis)
+  tok = P(tokens)
+  none = P()
+  in_specs = (
+      specs,
+      tok,
+      tok if task_ids is not None else none,
+      tok if token_ids is not None else none,
+      none,
+  )
+  args = (params, x.reshape(g, s, d), task_ids, token_ids, key)
+  args = tuple(
+      a if a is None else _place(a, mesh, sp) for a, sp in zip(args, in_specs)
+  )
+  fn = jax.shard_map(
+      body,
+      mesh=mesh,
+      in_specs=in_specs,
+      out_specs=(tok, none),
+  )
+  y, aux = fn(*args)
+  aux = dict(aux)
+  aux["capacity"] = capacity_out[0]
+  return _unflatten(y, x.shape, mesh, tokens), aux
+
+
+def _unflatten(
+    y_GSD: jax.Array, shape: tuple[int, ...], mesh, tokens: tuple[str, str]
+) -> jax.Array:
+  """Reshapes ``[G, S, D]`` back to ``shape``, keeping the token sharding."""
+  if y_GSD.shape == shape:
+    return y_GSD
+  explicit = all(
+      t == jax.sharding.AxisType.Explicit for t in mesh.axis_types
+  )
+  if not explicit:
+    return y_GSD.reshape(shape)
+  n_dev = math.prod(mesh.shape[a] for a in tokens)
+  keep = len(shape) >= 2 and shape[0] % n_dev == 0
+  return jnp.reshape(
+      y_GSD,
+      shape,
+      out_sharding=jax.sharding.NamedSharding(
+          mesh, P(tokens) if keep else P()
+      ),
+  )
