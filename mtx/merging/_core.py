@@ -673,6 +673,103 @@ def _sharding_of(x):
   return s
 
 
+def prepare_leaves(
+    merger: Merger,
+    like: PyTree,
+    num_tasks: int,
+    raw: Callable[[int], tuple[Any, Sequence[Any]]],
+    selected: Sequence[int],
+    *,
+    host: bool,
+    scales: Sequence[Any] = (1.0,),
+    key: jax.Array | None = None,
+    **coeffs: Any,
+) -> Callable[..., jax.Array]:
+  """The leaf-by-leaf core of :func:`merge_models`, for streaming merges.
+
+  Computes the method's statistics (reading the task vectors one leaf at a
+  time through a :class:`Source` over ``raw``), then returns a function that
+  merges one leaf on demand, so a caller can load, merge, write and free the
+  leaves of a model larger than memory one at a time. ``merge_models`` is
+  this plus the input checks, over the leaves of in-memory trees; the same
+  inputs give bitwise the same leaves either way.
+
+  Args:
+    merger: the method.
+    like: a tree with the params' structure whose leaves are arrays or
+      ``jax.ShapeDtypeStruct`` (for paths, shapes and scale broadcasting);
+      leaves are addressed by their index in its flattening order.
+    num_tasks: ``T``.
+    raw: ``raw(i) -> (pretrained leaf i, T fine-tuned leaves i)``; called
+      once or more per selected leaf by the statistics passes and once per
+      merged leaf. It may load leaves lazily (memory-mapped files, a
+      per-leaf transfer to sharded device arrays).
+    selected: the flat indices of the leaves to merge (floating, included),
+      in flattening order; leaf ``selected[j]`` takes ``fold_in(key, j)``.
+    host: every selected leaf lives in host memory (numpy selection); False
+      for sharded or device arrays (jitted reductions).
+    scales: the scales the merged leaves will be asked for (each as
+      ``merge``'s ``scale``, validated here before any work).
+    key: PRNG key for random methods.
+    **coeffs: overrides of the method's continuous coefficients.
+
+  Returns:
+    ``merged(i, s=0)``: leaf ``i`` (one of ``selected``) merged with
+    ``scales[s]``, in the pretrained leaf's dtype (and sharding).
+  """
+  merger._check_key(key)
+  merger._check_num_tasks(num_tasks)
+  coeffs = merger._coeffs(coeffs)
+  paths, like_leaves, _ = mtree.flatten(like)
+  per_scale = [_broadcast_scale(s, like, merger, num_tasks) for s in scales]
+  data_paths = [paths[i] for i in selected]
+  for name, per_task in merger.data:
+    if len(per_task) != num_tasks:
+      raise ValueError(
+          f"{name}: got {len(per_task)} trees for {num_tasks} models"
+      )
+    for d in per_task:
+      unknown = sorted(set(d) - set(data_paths))
+      if unknown:
+        raise ValueError(
+            f"{name} names leaf {unknown[0]!r}, which is not a merged leaf"
+        )
+  position = {i: j for j, i in enumerate(selected)}
+  src = Source(
+      data_paths,
+      [np.shape(like_leaves[i]) for i in selected],
+      num_tasks,
+      lambda j: raw(selected[j]),
+      host,
+  )
+  stats = merger._prepare(src, key)
+  del src  # frees the selection buffer before the outputs are allocated
+
+  def merged(i: int, s: int = 0) -> jax.Array:
+    j = position[i]
+    pre, fts = raw(i)
+    ctx = Ctx(
+        glob=stats.glob,
+        stats=None if stats.leaf is None else stats.leaf[j],
+        scale=per_scale[s][i],
+        coeffs=coeffs,
+        key=None if key is None else jax.random.fold_in(key, j),
+        pre=None,
+        data=merger._leaf_data(paths[i]),
+        path=None,  # static strings stay out of the jitted kernel
+    )
+    return _merge_leaf(
+        merger.leaf_fn,
+        merger.static,
+        _sharding_of(pre),
+        pre,
+        tuple(fts),
+        ctx,
+    )
+
+  return merged
+
+
 def merge_models(
     merger: Merger,
     pretrained: PyTree,
@@ -725,53 +822,25 @@ def merge_models(
               f"{name} has NaN or Inf at {paths[i]!r} (pass "
               "check_finite=False to skip this check)"
           )
-  scales = _broadcast_scale(scale, pretrained, merger, len(finetuned))
-  data_paths = [paths[i] for i in idx]
-  for name, per_task in merger.data:
-    if len(per_task) != len(finetuned):
-      raise ValueError(
-          f"{name}: got {len(per_task)} trees for {len(finetuned)} models"
-      )
-    for d in per_task:
-      unknown = sorted(set(d) - set(data_paths))
-      if unknown:
-        raise ValueError(
-            f"{name} names leaf {unknown[0]!r}, which is not a merged leaf"
-        )
   host = all(
       _select.on_host(pre_leaves[i])
       and all(_select.on_host(f[i]) for f in ft_leaves)
       for i in idx
   )
-  src = Source(
-      data_paths,
-      [np.shape(pre_leaves[i]) for i in idx],
+  merged = prepare_leaves(
+      merger,
+      pretrained,
       len(finetuned),
-      lambda j: (pre_leaves[idx[j]], tuple(f[idx[j]] for f in ft_leaves)),
-      host,
+      lambda i: (pre_leaves[i], tuple(f[i] for f in ft_leaves)),
+      idx,
+      host=host,
+      scales=(scale,),
+      key=key,
+      **coeffs,
   )
-  stats = merger._prepare(src, key)
-  del src  # frees the selection buffer before the outputs are allocated
   out = list(pre_leaves)
-  for j, i in enumerate(idx):
-    ctx = Ctx(
-        glob=stats.glob,
-        stats=None if stats.leaf is None else stats.leaf[j],
-        scale=scales[i],
-        coeffs=coeffs,
-        key=None if key is None else jax.random.fold_in(key, j),
-        pre=None,
-        data=merger._leaf_data(paths[i]),
-        path=None,  # static strings stay out of the jitted kernel
-    )
-    out[i] = _merge_leaf(
-        merger.leaf_fn,
-        merger.static,
-        _sharding_of(pre_leaves[i]),
-        pre_leaves[i],
-        tuple(f[i] for f in ft_leaves),
-        ctx,
-    )
+  for i in idx:
+    out[i] = merged(i)
   return mtree.unflatten(treedef, out)
 
 
