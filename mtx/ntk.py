@@ -20,6 +20,7 @@ over, so large trees are not baked into compiled programs.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -127,9 +128,16 @@ def ntk(
   if method == "auto":
     need = (n1 + n2) * o * p * 4
     method = "jacobian" if need <= max_jacobian_bytes else "products"
+  return _ntk(apply_fn, method, trace, x2 is x1, params, x1, x2)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _ntk(apply_fn, method, trace, same, params, x1, x2):
+  n1, o = jax.eval_shape(lambda: apply_fn(params, x1)).shape
+  n2 = x2.shape[0]
   if method == "jacobian":
     j1 = _flat_jacobian(apply_fn, params, x1)
-    j2 = j1 if x2 is x1 else _flat_jacobian(apply_fn, params, x2)
+    j2 = j1 if same else _flat_jacobian(apply_fn, params, x2)
     k = jnp.einsum("aip,bjp->aibj", j1, j2)
   else:
     _, vjp2 = jax.vjp(lambda q: apply_fn(q, x2), params)

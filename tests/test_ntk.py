@@ -203,3 +203,21 @@ def test_nonlinear_advantage(setup):
   adv = ntk.nonlinear_advantage(mlp, p0, tv, x, y)
   acc_lin = np.mean(np.argmax(ntk.linearize(mlp)(p0, p1, x), -1) == y)
   np.testing.assert_allclose(adv, 1.0 - acc_lin, rtol=1e-6)
+
+
+def test_empirical_ntk_of_a_tiny_vit_equals_explicit_jacobian():
+  vit = mtx.models.get("vit", "tiny", depth=1, width=16, mlp_dim=16)
+  clf = mtx.models.classifier(vit, num_classes=3)
+  x = jax.random.uniform(jax.random.key(0), (3, 8, 8, 1))
+  x2 = jax.random.uniform(jax.random.key(1), (2, 8, 8, 1))
+  p = clf.init(jax.random.key(2), x)
+  p["head"] = jax.tree.map(  # a non-zero head, so every leaf matters
+      lambda h: jax.random.normal(jax.random.key(3), h.shape), p["head"]
+  )
+  xx = jnp.concatenate([x, x2])
+  leaves = jax.tree.leaves(jax.jit(jax.jacrev(lambda q: clf.apply(q, xx)))(p))
+  jac = jnp.concatenate([j.reshape(5, 3, -1) for j in leaves], axis=-1)
+  want = jnp.einsum("aip,bjp->aibj", jac[:3], jac[3:])
+  for method in ("jacobian", "products"):
+    got = ntk.ntk(clf.apply, p, x, x2, method=method)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
