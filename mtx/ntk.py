@@ -205,6 +205,7 @@ def disentanglement_error(
     alphas2: Sequence[float] | jax.Array,
     *,
     linearized: bool = False,
+    apply_fn2: Callable[[PyTree, jax.Array], jax.Array] | None = None,
 ) -> np.ndarray:
   """Weight disentanglement error ξ(α1, α2) on a grid.
 
@@ -212,20 +213,30 @@ def disentanglement_error(
   pred(θ0 + α1 τ1 + α2 τ2; x)]`` with ``pred`` the argmax of the outputs,
   for the model itself or (``linearized=True``) its linearisation at θ0.
 
+  With task-specific heads (CLIP's zero-shot heads), pass the model with
+  task 1's head as ``apply_fn`` and with task 2's head as ``apply_fn2``.
+
   Returns:
     ``[len(alphas1), len(alphas2)]`` numpy array, for plotting.
   """
-  f = linearize(apply_fn) if linearized else (lambda p0, p, x: apply_fn(p, x))
 
-  def pred(a1, a2, x):
+  def model(fn):
+    if linearized:
+      return linearize(fn)
+    return lambda p0, p, x: fn(p, x)
+
+  f1 = model(apply_fn)
+  f2 = f1 if apply_fn2 is None else model(apply_fn2)
+
+  def pred(f, a1, a2, x):
     p = mtree.add_scale(mtree.add_scale(params0, a1, tv1), a2, tv2)
     return jnp.argmax(f(params0, p, x), axis=-1)
 
   @jax.jit
   def grid(a1s, a2s):
     def one(a1, a2):
-      e1 = jnp.mean(pred(a1, 0.0, x1) != pred(a1, a2, x1))
-      e2 = jnp.mean(pred(0.0, a2, x2) != pred(a1, a2, x2))
+      e1 = jnp.mean(pred(f1, a1, 0.0, x1) != pred(f1, a1, a2, x1))
+      e2 = jnp.mean(pred(f2, 0.0, a2, x2) != pred(f2, a1, a2, x2))
       return e1 + e2
 
     return jax.vmap(lambda a1: jax.vmap(lambda a2: one(a1, a2))(a2s))(a1s)

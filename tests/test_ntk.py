@@ -194,6 +194,19 @@ def test_disentanglement_error(setup):
       mlp, p0, tv1, tv2, x, x + 1, alphas, alphas, linearized=True
   )
   assert lin.shape == (3, 3) and lin[0, 0] == 0
+  # Task-specific heads: task 2's data is read through its own output map.
+  mlp2 = lambda p, xx: -mlp(p, xx)[:, ::-1]
+  xi2 = ntk.disentanglement_error(
+      mlp, p0, tv1, tv2, x, x + 1, alphas, alphas, apply_fn2=mlp2
+  )
+
+  def pred2(p, xx):
+    return np.argmax(mlp2(p, xx), -1)
+
+  want = np.mean(pred(mtx.tree.add(p0, tv1), x) != pred(both, x)) + np.mean(
+      pred2(mtx.tree.add(p0, tv2), x + 1) != pred2(both, x + 1)
+  )
+  np.testing.assert_allclose(xi2[2, 2], want, rtol=1e-6)
 
 
 def test_nonlinear_advantage(setup):
