@@ -18,8 +18,11 @@ frozen, refitted or swapped without touching the encoder.
 (['encoder', 'head'], (2, 3))
 """
 
+from mtx.models import bert
+from mtx.models import clip
 from mtx.models import cnn
 from mtx.models import heads
+from mtx.models import lm
 from mtx.models import mlp
 from mtx.models import vit
 from mtx.models._base import Model
@@ -32,6 +35,9 @@ MODELS = {
     "mlp": mlp,
     "cnn": cnn,
     "vit": vit,
+    "bert": bert,
+    "clip": clip,
+    "lm": lm,
 }
 
 
@@ -77,11 +83,14 @@ def get(name: str, preset: str | None = None, **overrides) -> Model:
 __all__ = [
     "MODELS",
     "Model",
+    "bert",
     "classifier",
+    "clip",
     "cnn",
     "count_params",
     "get",
     "heads",
+    "lm",
     "mlp",
     "vit",
 ]
