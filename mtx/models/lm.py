@@ -181,19 +181,24 @@ def _rope_fields(hf: dict) -> dict:
     raise ValueError(f"rope_type {rope_type!r} is not supported")
   if rope.get("partial_rotary_factor", 1.0) != 1.0:
     raise ValueError("partial_rotary_factor != 1 is not supported")
-  return dict(
+  fields = dict(
       rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
       rope_type=rope_type,
-      rope_factor=float(rope.get("factor", 1.0)),
-      rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
-      rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-      rope_original_max_positions=int(
-          rope.get(
-              "original_max_position_embeddings",
-              hf.get("max_position_embeddings", 2048),
-          )
-      ),
   )
+  if rope_type != "default":
+    fields["rope_factor"] = float(rope["factor"])
+  if rope_type == "llama3":
+    fields.update(
+        rope_low_freq_factor=float(rope["low_freq_factor"]),
+        rope_high_freq_factor=float(rope["high_freq_factor"]),
+        rope_original_max_positions=int(
+            rope.get(
+                "original_max_position_embeddings",
+                hf.get("max_position_embeddings", 2048),
+            )
+        ),
+    )
+  return fields
 
 
 def config_from_hf(hf_config: dict) -> Config:
