@@ -8,6 +8,7 @@ Reference:
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 from mtx import _select
 from mtx.merging import _core
@@ -38,13 +39,31 @@ def _row_thresholds(x, n: int, removed: int, kept: int):
   return jnp.stack([hi, lo], axis=-1)
 
 
+def _tensor_thresholds(src: _core.Source, i: int, removed: int, kept: int):
+  """Per task ``[2]``: the bounds of leaf ``i`` as a whole (``axis=None``)."""
+  t = src.num_tasks
+  ks = np.tile([max(removed, 1), max(removed + kept, 1)], (t, 1))
+  thr = np.asarray(src.leaf_kth_largest(i, ks), np.float64)
+  out = []
+  for j in range(t):
+    hi = thr[j, 0] if removed > 0 else np.inf
+    lo = np.inf if kept == 0 else thr[j, 1]
+    out.append(np.asarray([hi, lo], np.float32))
+  return tuple(out)
+
+
 def _prepare(static, src: _core.Source, key=None):
   del key
-  density, top_remove = static
+  density, top_remove, axis = static
   per_leaf = []
   for i, shape in enumerate(src.shapes):
     if len(shape) == 0:
       per_leaf.append(None)
+      continue
+    if axis is None:
+      n = int(np.prod(shape))
+      removed, kept = row_counts(n, density, top_remove)
+      per_leaf.append(_tensor_thresholds(src, i, removed, kept))
       continue
     n = shape[-1]
     removed, kept = row_counts(n, density, top_remove)
@@ -64,18 +83,22 @@ def _leaf(static, tv, ctx):
   return _core.tsum(_core.scale_tasks(ctx.scale, tv))
 
 
-def breadcrumbs(density: float = 0.1, top_remove: float = 0.01) -> _core.Merger:
+def breadcrumbs(
+    density: float = 0.1, top_remove: float = 0.01, *, axis: int | None = -1
+) -> _core.Merger:
   """Breadcrumbs: ``θ0 + scale · Σt mask_t ⊙ τt``.
 
   Per task, per row along the last axis (a 1-D tensor is one row; scalars are
   kept whole), drop the ``int(n·top_remove)`` largest ``|τ|`` and keep the next
-  ``int(n·density)`` (the authors' per-row rule; MergeKit masks whole
-  tensors). Entries tied with a row threshold are treated alike (the authors'
-  ``topk`` breaks ties arbitrarily).
+  ``int(n·density)`` (the authors' per-row rule). ``axis=None`` applies the
+  rule to each tensor as a whole (MergeKit's ``breadcrumbs``, with its
+  ``gamma`` as ``top_remove``). Entries tied with a threshold are treated
+  alike (the authors' ``topk`` breaks ties arbitrarily).
 
   Args:
     density: fraction of each row kept (the paper's β), in (0, 1].
     top_remove: fraction of each row removed from the top (γ), in [0, 1).
+    axis: ``-1`` (rows along the last axis) or None (whole tensors).
 
   ``scale`` (α) may be a scalar or a ``[T]`` vector.
 
@@ -90,9 +113,11 @@ def breadcrumbs(density: float = 0.1, top_remove: float = 0.01) -> _core.Merger:
   top_remove = _core.check_fraction("top_remove", top_remove, allow_zero=True)
   if top_remove >= 1.0:
     raise ValueError(f"top_remove must be < 1, got {top_remove}")
+  if axis not in (-1, None):
+    raise ValueError(f"axis must be -1 or None, got {axis!r}")
   return _core.Merger(
       "breadcrumbs",
-      (density, top_remove),
+      (density, top_remove, axis),
       {},
       _leaf,
       _prepare,

@@ -7,6 +7,7 @@ Reference:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -17,30 +18,55 @@ from mtx.merging import _core
 from mtx.merging import ties as _ties
 
 
+def _rates(drop_rate, t: int) -> list[float]:
+  if isinstance(drop_rate, tuple):
+    if len(drop_rate) != t:
+      raise ValueError(f"dare got {len(drop_rate)} drop rates for {t} models")
+    return list(drop_rate)
+  return [drop_rate] * t
+
+
+def _rescaled(x, y, p: float, rescale):
+  """``y`` (``x`` with entries dropped at rate ``p``) rescaled."""
+  if rescale == "l1":  # MergeKit: match the L1 norm of the dense tensor
+    before, after = jnp.sum(jnp.abs(x)), jnp.sum(jnp.abs(y))
+    tiny = (before < 1e-7) | (after < 1e-7)
+    return jnp.where(tiny, y, y * (before / jnp.where(tiny, 1, after)))
+  return y / (1.0 - p) if rescale else y
+
+
 def drop(
-    tv: _core.Tasks, key: jax.Array, drop_rate: float, rescale: bool = True
+    tv: _core.Tasks,
+    key: jax.Array,
+    drop_rate: float | tuple[float, ...],
+    rescale: bool | str = True,
 ) -> _core.Tasks:
   """Zeroes each entry with probability ``drop_rate`` (an independent mask
-  per task, from ``fold_in(key, t)``), dividing survivors by
-  ``1 − drop_rate`` when ``rescale``."""
+  per task, from ``fold_in(key, t)``; a tuple gives each task its rate),
+  dividing survivors by ``1 − drop_rate`` when ``rescale`` (``"l1"``:
+  scaling them so the tensor keeps its L1 norm, as MergeKit)."""
   out = []
-  for t, x in enumerate(tv):
-    keep = jax.random.bernoulli(
-        jax.random.fold_in(key, t), 1.0 - drop_rate, x.shape
-    )
-    y = jnp.where(keep, x, 0)
-    out.append(y / (1.0 - drop_rate) if rescale else y)
+  for t, (x, p) in enumerate(zip(tv, _rates(drop_rate, len(tv)))):
+    if p == 0.0:
+      out.append(x)
+      continue
+    keep = jax.random.bernoulli(jax.random.fold_in(key, t), 1.0 - p, x.shape)
+    out.append(_rescaled(x, jnp.where(keep, x, 0), p, rescale))
   return tuple(out)
 
 
 def _drop_leaf(static, tv, key, thr):
   drop_rate, rescale, mode = static[:3]
-  if drop_rate == 0.0:
+  rates = _rates(drop_rate, len(tv))
+  if all(p == 0.0 for p in rates):
     return tv
   if mode == "random":
     return drop(tv, key, drop_rate, rescale)
   out = _ties.trim(tv, thr)
-  return tuple(x / (1.0 - drop_rate) for x in out) if rescale else out
+  return tuple(
+      _rescaled(x, y, p, rescale) if p > 0 else x
+      for x, y, p in zip(tv, out, rates)
+  )
 
 
 def _leaf(static, tv, ctx):
@@ -63,12 +89,11 @@ def _prepare(static, src: _core.Source, key):
   drop_rate, _, mode, base = static
   t = src.num_tasks
   per_leaf = [dict() for _ in range(len(src))]
-  if mode == "magnitude" and drop_rate > 0:
+  rates = _rates(drop_rate, t)
+  if mode == "magnitude" and any(p > 0 for p in rates):
     for i, n in enumerate(src.sizes):
-      k = max(1, int(n * (1.0 - drop_rate)))
-      per_leaf[i]["drop_thr"] = np.asarray(
-          src.leaf_kth_largest(i, np.full((t,), k))
-      )
+      k = np.array([max(1, int(n * (1.0 - p))) for p in rates])
+      per_leaf[i]["drop_thr"] = np.asarray(src.leaf_kth_largest(i, k))
   glob = {}
   if base.prepare_fn is not None:
     dropped = src.with_transform(
@@ -88,9 +113,9 @@ def _prepare(static, src: _core.Source, key):
 
 
 def dare(
-    drop_rate: float = 0.5,
+    drop_rate: float | Sequence[float] = 0.5,
     *,
-    rescale: bool = True,
+    rescale: bool | str = True,
     then: str = "task_arithmetic",
     mode: str = "random",
     **then_hparams: Any,
@@ -105,8 +130,11 @@ def dare(
   per tensor instead (deterministic).
 
   Args:
-    drop_rate: p in [0, 1).
-    rescale: divide survivors by ``1 − p``.
+    drop_rate: p in [0, 1), or one p per task (MergeKit's per-model
+      ``density`` is ``1 − p``).
+    rescale: divide survivors by ``1 − p``; ``"l1"`` instead scales each
+      task's surviving entries of a tensor so that its L1 norm is unchanged
+      (MergeKit's ``rescale``); False keeps them as they are.
     then: the base method (``"task_arithmetic"``, ``"ties"``, ...).
     mode: ``"random"`` (the paper) or ``"magnitude"``.
     **then_hparams: hyperparameters of the base method.
@@ -123,24 +151,36 @@ def dare(
   """
   from mtx import merging  # pylint: disable=g-import-not-at-top
 
-  try:
-    p = float(drop_rate)
-  except (TypeError, ValueError):
-    raise ValueError(f"drop_rate must be a number, got {drop_rate!r}") from None
-  if not 0.0 <= p < 1.0:
-    raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
+  many = isinstance(drop_rate, Sequence | np.ndarray) and not isinstance(
+      drop_rate, str
+  )
+  rates = []
+  for r in np.asarray(drop_rate, object).ravel() if many else [drop_rate]:
+    try:
+      p = float(r)
+    except (TypeError, ValueError):
+      raise ValueError(f"drop_rate must be a number, got {r!r}") from None
+    if not 0.0 <= p < 1.0:
+      raise ValueError(f"drop_rate must be in [0, 1), got {r!r}")
+    rates.append(p)
+  if many and not rates:
+    raise ValueError("drop_rate must not be an empty list")
+  p = tuple(rates) if many else rates[0]
+  if rescale not in (True, False, "l1"):
+    raise ValueError(f"rescale must be True, False or 'l1', got {rescale!r}")
   _core.check_choice("mode", mode, ("random", "magnitude"))
   if then == "dare":
     raise ValueError("then='dare' would drop twice")
   base = merging.get(then, **then_hparams)
+  random = any(r > 0 for r in rates)
   return _core.Merger(
       f"dare_{then}",
-      (p, bool(rescale), mode, base),
+      (p, rescale if rescale == "l1" else bool(rescale), mode, base),
       dict(base.coeffs),
       _leaf,
       _prepare,
       data=base.data,
-      needs_key=mode == "random" and p > 0,
+      needs_key=mode == "random" and random,
       needs_pretrained=base.needs_pretrained,
       per_task_scale=base.per_task_scale,
       min_tasks=base.min_tasks,

@@ -7,6 +7,7 @@ Reference:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import functools
 
 import jax
@@ -64,14 +65,19 @@ def elect_sign(
 
 
 def disjoint_merge(
-    trimmed: _core.Tasks, sign: jax.Array, reduce: str = "mean"
+    trimmed: _core.Tasks,
+    sign: jax.Array,
+    reduce: str = "mean",
+    weights: jax.Array | None = None,
 ) -> jax.Array:
   """Combines the entries that agree with ``sign``; zeros never count.
 
   The kept entries are ``τ > 0`` where ``sign > 0`` and ``τ < 0`` elsewhere
   (as the reference, so a zero sign keeps negative entries).
-  ``"mean"`` divides by ``max(count, 1)``; ``"sum"`` adds; ``"max"`` takes the
-  largest magnitude with the elected sign.
+  ``"mean"`` divides by ``max(count, 1)`` (with ``weights``, the entries are
+  taken as already weighted and the divisor is the sum of the agreeing tasks'
+  weights, 1 where none agree: MergeKit's normalisation); ``"sum"`` adds;
+  ``"max"`` takes the largest magnitude with the elected sign.
   """
   pos = sign > 0
   keep = [jnp.where(pos, x > 0, x < 0) for x in trimmed]
@@ -81,13 +87,34 @@ def disjoint_merge(
   if reduce == "max":
     return functools.reduce(jnp.maximum, [jnp.abs(x) for x in sel]) * sign
   dt = trimmed[0].dtype
+  if weights is not None:
+    w = _core.per_task(weights, len(trimmed))
+    den = _core.tsum(
+        [k.astype(dt) * jnp.asarray(wt, dt) for k, wt in zip(keep, w)]
+    )
+    return _core.tsum(sel) / jnp.where(den == 0, 1, den)
   count = _core.tsum([k.astype(dt) for k in keep])
   return _core.tsum(sel) / jnp.maximum(count, 1)
 
 
+def _densities(density, t: int) -> list[float]:
+  """One density per task (a scalar is shared)."""
+  if isinstance(density, tuple):
+    if len(density) != t:
+      raise ValueError(f"ties got {len(density)} densities for {t} models")
+    return list(density)
+  return [density] * t
+
+
+def _trims(density) -> bool:
+  return any(
+      d < 1.0 for d in (density if isinstance(density, tuple) else (density,))
+  )
+
+
 def _thresholds(static, ctx):
   density, _, _, scope, _, _ = static
-  if density >= 1.0:
+  if not _trims(density):
     return None
   return ctx.glob["thr"] if scope == "global" else ctx.stats["thr"]
 
@@ -103,8 +130,11 @@ def _merged(static, tv, ctx):
   """TIES without the final scale."""
   thr = _thresholds(static, ctx)
   trimmed = tv if thr is None else trim(tv, thr)
+  weights = ctx.coeffs.get("weights") if ctx.coeffs else None
+  if weights is not None:  # MergeKit: elect and merge the weighted vectors
+    trimmed = _core.scale_tasks(weights, trimmed)
   sign = elect_sign(trimmed, static[1], _zero_sign(static, ctx))
-  return disjoint_merge(trimmed, sign, static[2])
+  return disjoint_merge(trimmed, sign, static[2], weights)
 
 
 def _leaf(static, tv, ctx):
@@ -120,23 +150,23 @@ def prepare(static, src: _core.Source, key=None) -> _core.Stats:
   del key
   density, sign, _, scope, rule, zero_sign = static
   t = src.num_tasks
+  densities = _densities(density, t)
   glob, per_leaf = {}, [dict() for _ in range(len(src))]
-  if density < 1.0:
+  if _trims(density):
     if scope == "global":
-      k = num_kept(sum(src.sizes), density, rule)
-      glob["thr"] = np.asarray(src.global_kth_largest(np.full((t,), k)))
+      n = sum(src.sizes)
+      k = np.array([num_kept(n, d, rule) for d in densities])
+      glob["thr"] = np.asarray(src.global_kth_largest(k))
     else:
       for i, n in enumerate(src.sizes):
-        k = num_kept(n, density, rule)
-        per_leaf[i]["thr"] = np.asarray(
-            src.leaf_kth_largest(i, np.full((t,), k))
-        )
+        k = np.array([num_kept(n, d, rule) for d in densities])
+        per_leaf[i]["thr"] = np.asarray(src.leaf_kth_largest(i, k))
   if zero_sign == "majority":
     total = 0.0
     for i in range(len(src)):
       thr = (
           None
-          if density >= 1.0
+          if not _trims(density)
           else (glob["thr"] if scope == "global" else per_leaf[i]["thr"])
       )
       s = src.sum_of(_raw_sign, sign, i, thr)
@@ -147,13 +177,14 @@ def prepare(static, src: _core.Source, key=None) -> _core.Stats:
 
 
 def ties(
-    density: float = 0.2,
+    density: float | Sequence[float] = 0.2,
     *,
     sign: str = "mass",
     reduce: str = "mean",
     scope: str = "global",
     topk_rule: str = "paper",
     zero_sign: str = "majority",
+    weights: Sequence[float] | jax.Array | None = None,
 ) -> _core.Merger:
   """TIES-Merging: ``θ0 + scale · disjoint_merge(elect(trim(τ)))``.
 
@@ -170,13 +201,22 @@ def ties(
      ``scale=0.3``) or ``"max"``.
 
   Args:
-    density: fraction of entries kept per task, in (0, 1].
+    density: fraction of entries kept per task, in (0, 1]; or one such
+      fraction per task (MergeKit's per-model ``density``).
     sign: ``"mass"`` or ``"count"``.
     reduce: ``"mean"``, ``"sum"`` or ``"max"``.
     scope: ``"global"`` or ``"per_leaf"``.
     topk_rule: ``"paper"`` keeps ``int(d·density)`` entries; ``"reference"``
       reproduces the authors' ``kthvalue`` off-by-one (``int(d·density)+1``).
     zero_sign: ``"majority"`` or ``"positive"``.
+    weights: optional ``[T]`` per-task weights ``wt`` (a traced coefficient:
+      override per call with ``weights=...``), as MergeKit's per-model
+      ``weight``: signs are elected from and the entries merged are the
+      weighted ``wt·τt``, and ``reduce="mean"`` divides by the sum of the
+      agreeing tasks' weights. The ``"majority"`` fallback sign is computed
+      without weights. MergeKit's TIES is ``ties(density, scope="per_leaf",
+      zero_sign="positive", weights=w)`` (``reduce="sum"`` when its
+      ``normalize`` is false) with ``scale`` = its ``lambda``.
 
   Returns:
     A :class:`~mtx.merging.Merger`; ``scale`` (λ, default 1) is a scalar.
@@ -190,14 +230,31 @@ def ties(
   >>> mtx.merging.merge(pre, fts, "ties", density=0.5)["w"].tolist()
   [3.0, 2.0, 0.0, -2.5]
   """
-  density = _core.check_fraction("density", density)
+  if isinstance(density, Sequence | np.ndarray) and not isinstance(
+      density, str
+  ):
+    density = tuple(
+        _core.check_fraction("density", d) for d in np.asarray(density).ravel()
+    )
+    if not density:
+      raise ValueError("density must not be an empty list")
+  else:
+    density = _core.check_fraction("density", density)
+  if weights is not None:
+    weights = jnp.asarray(weights, jnp.float32)
+    if weights.ndim != 1:
+      raise ValueError(f"weights must be a [T] vector, got {weights.shape}")
   _core.check_choice("sign", sign, ("mass", "count"))
   _core.check_choice("reduce", reduce, ("mean", "sum", "max"))
   _core.check_choice("scope", scope, ("global", "per_leaf"))
   _core.check_choice("topk_rule", topk_rule, TOPK_RULES)
   _core.check_choice("zero_sign", zero_sign, ("majority", "positive"))
   static = (density, sign, reduce, scope, topk_rule, zero_sign)
-  needs_prepare = density < 1.0 or zero_sign == "majority"
+  needs_prepare = _trims(density) or zero_sign == "majority"
   return _core.Merger(
-      "ties", static, {}, _leaf, prepare if needs_prepare else None
+      "ties",
+      static,
+      {"weights": weights},
+      _leaf,
+      prepare if needs_prepare else None,
   )
