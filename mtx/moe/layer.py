@@ -35,9 +35,10 @@ dtype; router math and the combine in float32; ``y`` has ``x``'s dtype.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -121,46 +122,68 @@ def init(
   >>> jax.tree.map(lambda a: a.shape, p)
   {'experts': {'wi': (2, 4, 8), 'wo': (2, 8, 4)}, 'router': {'kernel': (4, 2)}}
   """
-  ks = jax.random.split(key, 6)
-  x = num_experts * (slots_per_expert or 1)
-  if num_tasks is not None and task_conditioning == "per_task":
-    kernel = router_std * jax.random.normal(ks[0], (num_tasks, d_model, x))
-  elif num_tasks is None or task_conditioning == "embedding":
-    kernel = router_std * jax.random.normal(ks[0], (d_model, x))
-  else:
+  if num_tasks is not None and task_conditioning not in ("per_task", "embedding"):
     raise ValueError(
         f"task_conditioning must be 'per_task' or 'embedding', got "
         f"{task_conditioning!r}"
     )
+  return _init(
+      key,
+      d_model,
+      hidden,
+      num_experts,
+      slots_per_expert or 1,
+      num_tasks,
+      task_conditioning,
+      num_shared,
+      float(router_std),
+      jnp.dtype(dtype),
+  )
+
+
+@functools.partial(jax.jit, static_argnums=tuple(range(1, 10)))
+def _init(key, d, f, e, slots, t, conditioning, num_shared, router_std, dtype):
+  shapes = {
+      "kernel": (t, d, e * slots) if conditioning == "per_task" and t else (
+          d,
+          e * slots,
+      ),
+      "wi": (e, d, f),
+      "wo": (e, f, d),
+      "task_embedding": (t, d) if conditioning == "embedding" and t else (0,),
+      "shared_wi": (num_shared, d, f),
+      "shared_wo": (num_shared, f, d),
+  }
+  draw = dict(zip(shapes, _normals(key, tuple(shapes.values()))))
   params: dict[str, Any] = {
-      "router": {"kernel": kernel},
+      "router": {"kernel": router_std * draw["kernel"]},
       "experts": {
-          "wi": (
-              jax.random.normal(ks[1], (num_experts, d_model, hidden))
-              / jnp.sqrt(d_model)
-          ).astype(dtype),
-          "wo": (
-              jax.random.normal(ks[2], (num_experts, hidden, d_model))
-              / jnp.sqrt(hidden)
-          ).astype(dtype),
+          "wi": (draw["wi"] / math.sqrt(d)).astype(dtype),
+          "wo": (draw["wo"] / math.sqrt(f)).astype(dtype),
       },
   }
-  if num_tasks is not None and task_conditioning == "embedding":
-    params["router"]["task_embedding"] = jax.random.normal(
-        ks[3], (num_tasks, d_model)
-    )
+  if t is not None and conditioning == "embedding":
+    params["router"]["task_embedding"] = draw["task_embedding"]
   if num_shared:
     params["shared"] = {
-        "wi": (
-            jax.random.normal(ks[4], (num_shared, d_model, hidden))
-            / jnp.sqrt(d_model)
-        ).astype(dtype),
-        "wo": (
-            jax.random.normal(ks[5], (num_shared, hidden, d_model))
-            / jnp.sqrt(hidden)
-        ).astype(dtype),
+        "wi": (draw["shared_wi"] / math.sqrt(d)).astype(dtype),
+        "wo": (draw["shared_wo"] / math.sqrt(f)).astype(dtype),
     }
   return params
+
+
+def _normals(key: jax.Array, shapes: tuple[tuple[int, ...], ...]):
+  """Standard normals of several shapes from one draw (one RNG kernel)."""
+  sizes = [math.prod(shape) for shape in shapes]
+  z = jax.random.normal(key, (sum(sizes),), jnp.float32)
+  offsets = [0, *itertools.accumulate(sizes)]
+  return [
+      z[o : o + n].reshape(shape)
+      for shape, o, n in zip(shapes, offsets, sizes)
+  ]
+
+
+_normals_jit = jax.jit(_normals, static_argnums=1)
 
 
 def _activation(name: Any) -> Callable[[jax.Array], jax.Array]:
@@ -279,75 +302,126 @@ def _tokens_GS(
   return ids.reshape(g, s)
 
 
-def _route(
-    router_params: Mapping[str, Any],
-    x_GSD: jax.Array,
+class _Plan(NamedTuple):
+  """Static (hashable) description of one routing + dispatch."""
+
+  router: str
+  num_experts: int
+  num_selected: int
+  capacity: int  # buffer slots C per expert and group (soft: slots)
+  dropless: bool  # token choice without a capacity limit
+  activation: Any
+  normalize: bool | None
+  batch_priority: bool
+  second_expert_policy: str
+  noise_std: float
+
+
+def _plan(
+    params: Mapping[str, Any],
     *,
     router: str,
+    s: int,
     num_experts: int,
     num_selected: int,
     capacity_factor: float | None,
+    opts: Mapping[str, Any],
+) -> _Plan:
+  """Validates the routing settings for groups of ``s`` tokens."""
+  e = num_experts
+  kernel = params["router"]["kernel"]
+  width = jnp.shape(kernel)[-1]
+  dropless = False
+  if router == "soft":
+    if width % e:
+      raise ValueError(
+          f"soft routing needs a router kernel with E * slots columns; got "
+          f"{width} for E={e}"
+      )
+    c = width // e
+  else:
+    if width != e:
+      raise ValueError(
+          f"'router/kernel' has {width} outputs but there are {e} experts"
+      )
+    _routing._check_k(num_selected, e)
+    c = opts["capacity"]
+    if c is None:
+      c = _routing.capacity(s, e, num_selected, capacity_factor)
+      dropless = capacity_factor is None
+    else:
+      _routing._check_capacity(c)
+    if router == "expert_choice":
+      c = min(c, s)
+      dropless = False
+  return _Plan(
+      router=router,
+      num_experts=e,
+      num_selected=num_selected,
+      capacity=c,
+      dropless=dropless,
+      activation=opts["activation"],
+      normalize=opts["normalize"],
+      batch_priority=bool(opts["batch_priority"]),
+      second_expert_policy=opts["second_expert_policy"],
+      noise_std=float(opts["noise_std"]),
+  )
+
+
+def _route(
+    router_params: Mapping[str, Any],
+    x_GSD: jax.Array,
+    plan: _Plan,
+    *,
     keys_G: jax.Array | None,
     task_ids_GS: jax.Array | None,
     token_ids_GS: jax.Array | None,
-    opts: Mapping[str, Any],
-) -> tuple[_routing.Routing, int]:
-  """Routes one set of groups; returns the routing and the buffer size."""
-  _, s, _ = x_GSD.shape
+) -> _routing.Routing:
+  """Routes one set of groups as ``plan`` says."""
   logits = _routing.router_logits(
       router_params, x_GSD, task_ids_GS=task_ids_GS
   )
-  e = num_experts
-  if router == "soft":
-    if logits.shape[-1] % e:
-      raise ValueError(
-          f"soft routing needs a router kernel with E * slots columns; got "
-          f"{logits.shape[-1]} for E={e}"
-      )
-    r = _routing.soft_routing(logits, num_experts=e)
-    return r, logits.shape[-1] // e
-  if logits.shape[-1] != e:
-    raise ValueError(
-        f"'router/kernel' has {logits.shape[-1]} outputs but there are {e} "
-        f"experts"
-    )
-  _routing._check_k(num_selected, e)
-  c = opts["capacity"]
-  if c is None:
-    c = _routing.capacity(s, e, num_selected, capacity_factor)
-  else:
-    _routing._check_capacity(c)
-  if router == "expert_choice":
-    c = min(c, s)
-    return _routing.expert_choice_routing(logits, capacity=c), c
-  c_tc = None if capacity_factor is None and opts["capacity"] is None else c
-  if router == "top_k":
-    r = _routing.top_k_routing(
+  c = None if plan.dropless else plan.capacity
+  k = plan.num_selected
+  if plan.router == "soft":
+    return _routing.soft_routing(logits, num_experts=plan.num_experts)
+  if plan.router == "expert_choice":
+    return _routing.expert_choice_routing(logits, capacity=plan.capacity)
+  if plan.router == "top_k":
+    return _routing.top_k_routing(
         logits,
-        num_selected=num_selected,
-        capacity=c_tc,
-        normalize=opts["normalize"],
-        batch_priority=opts["batch_priority"],
-        second_expert_policy=opts["second_expert_policy"],
-        noise_std=opts["noise_std"],
+        num_selected=k,
+        capacity=c,
+        normalize=plan.normalize,
+        batch_priority=plan.batch_priority,
+        second_expert_policy=plan.second_expert_policy,
+        noise_std=plan.noise_std,
         key=keys_G,
     )
-  elif router == "hash":
-    if token_ids_GS is None:
-      raise ValueError("router='hash' needs token_ids")
-    r = _routing.hash_routing(
-        logits, token_ids_GS, num_selected=num_selected, capacity=c_tc
+  if plan.router == "hash":
+    return _routing.hash_routing(
+        logits, token_ids_GS, num_selected=k, capacity=c
     )
-  elif router == "random":
-    if keys_G is None:
-      raise ValueError("router='random' needs an explicit key")
-    r = _routing.random_routing(
-        logits, keys_G, num_selected=num_selected, capacity=c_tc
+  return _routing.random_routing(logits, keys_G, num_selected=k, capacity=c)
+
+
+def _check_inputs(router, opts, key, token_ids, task_ids, params):
+  """Errors that do not need tracing: missing keys and ids."""
+  if router == "random" and key is None:
+    raise ValueError("router='random' needs an explicit key")
+  if router == "top_k" and key is None:
+    if opts["noise_std"]:
+      raise ValueError("noise_std > 0 (noisy gating) needs an explicit key")
+    if opts["second_expert_policy"] == "random":
+      raise ValueError("second_expert_policy='random' needs an explicit key")
+  r = params["router"]
+  if task_ids is None and (
+      jnp.ndim(r["kernel"]) == 3 or "task_embedding" in r
+  ):
+    raise ValueError(
+        "task-conditioned router (kernel [T, D, E] or task_embedding) needs "
+        "task_ids"
     )
-  else:
-    raise ValueError(f"unknown router {router!r}; known: {list(ROUTERS)}")
-  # Without a capacity the buffers must hold every token.
-  return r, (c if c_tc is not None else s)
 
 
 # ----------------------------------------------------------------------------
@@ -602,27 +676,41 @@ def apply(
         f"num_groups must be a positive int dividing the {n} tokens, got {g!r}"
     )
   s = n // g
-  x_GSD = x.reshape(g, s, d)
+  plan = _plan(
+      params,
+      router=router,
+      s=s,
+      num_experts=e,
+      num_selected=num_selected,
+      capacity_factor=capacity_factor,
+      opts=opts,
+  )
   task_ids = _tokens_GS(opts["task_ids"], "task_ids", token_shape, g, s)
   token_ids = _tokens_GS(opts["token_ids"], "token_ids", token_shape, g, s)
   if router == "hash" and token_ids is None:
     token_ids = jnp.arange(n, dtype=jnp.int32).reshape(g, s)
-  r, c = _route(
+  _check_inputs(router, opts, key, token_ids, task_ids, params)
+  y, metrics = _apply_groups(
+      params, x.reshape(g, s, d), key, task_ids, token_ids, plan, backend
+  )
+  aux = dict(metrics)
+  aux["capacity"] = plan.capacity
+  return y.reshape(x.shape), aux
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6))
+def _apply_groups(params, x_GSD, key, task_ids, token_ids, plan, backend):
+  """The traced part of :func:`apply` (one compiled program per plan)."""
+  r = _route(
       params["router"],
       x_GSD,
-      router=router,
-      num_experts=e,
-      num_selected=num_selected,
-      capacity_factor=capacity_factor,
-      keys_G=_group_keys(key, 0, g),
+      plan,
+      keys_G=_group_keys(key, 0, x_GSD.shape[0]),
       task_ids_GS=task_ids,
       token_ids_GS=token_ids,
-      opts=opts,
   )
-  act = _activation(opts["activation"])
-  y = _LOCAL_BACKENDS[backend](params["experts"], x_GSD, r, c, act)
+  act = _activation(plan.activation)
+  y = _LOCAL_BACKENDS[backend](params["experts"], x_GSD, r, plan.capacity, act)
   if "shared" in params:
     y = y + _shared(params["shared"], x_GSD, act).astype(jnp.float32)
-  aux = dict(r.metrics)
-  aux["capacity"] = c
-  return y.astype(x.dtype).reshape(x.shape), aux
+  return y.astype(x_GSD.dtype), r.metrics

@@ -55,6 +55,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -258,8 +259,8 @@ def aux_loss(
   router_z_loss`` with the Switch (1e-2) and ST-MoE (1e-3) defaults.
 
   >>> import jax.numpy as jnp
-  >>> float(aux_loss({"load_balance_loss": jnp.float32(1.0),
-  ...                 "router_z_loss": jnp.float32(2.0)}))
+  >>> round(float(aux_loss({"load_balance_loss": jnp.float32(1.0),
+  ...                       "router_z_loss": jnp.float32(2.0)})), 6)
   0.012
   """
   return load_balance_weight * aux["load_balance_loss"] + (
@@ -492,18 +493,32 @@ def top_k_routing(
     raise ValueError(
         "noisy gating / random second expert need an explicit key"
     )
-  logits = clean
-  if noise_std > 0:
-    key, sub = _split(key)
-    logits = logits + noise_std * _draw(jax.random.normal, sub, logits.shape)
-  probs = jax.nn.softmax(logits, axis=-1)
-  gates, index = jax.lax.top_k(probs, k)
   if normalize is None:
     normalize = k > 1 or second_expert_policy == "random"
+  return _top_k(
+      clean,
+      key,
+      k,
+      capacity,
+      bool(normalize),
+      bool(batch_priority),
+      second_expert_policy,
+      float(noise_std),
+  )
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7))
+def _top_k(clean, key, k, capacity, normalize, batch_priority, policy, noise):
+  logits = clean
+  if noise > 0:
+    key, sub = _split(key)
+    logits = logits + noise * _draw(jax.random.normal, sub, logits.shape)
+  probs = jax.nn.softmax(logits, axis=-1)
+  gates, index = jax.lax.top_k(probs, k)
   if normalize:
     gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
   active = jnp.ones(index.shape, bool)
-  if second_expert_policy == "random":
+  if policy == "random":
     u = _draw(jax.random.uniform, key, index.shape[:2])
     use_second = u < 2.0 * jax.lax.stop_gradient(gates[..., 1])
     active = active.at[..., 1].set(use_second)
@@ -567,6 +582,12 @@ def expert_choice_routing(
         f"expert-choice capacity must be an int in [1, {s}] (tokens per "
         f"group), got {capacity!r}"
     )
+  return _expert_choice(logits, c)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _expert_choice(logits, c):
+  g, s, e = logits.shape
   probs = jax.nn.softmax(logits, axis=-1)
   weight, token_index = jax.lax.top_k(jnp.swapaxes(probs, 1, 2), c)
   chosen_GS = (
@@ -625,6 +646,12 @@ def soft_routing(
         f"num_experts must be a positive int dividing the {x} slots, got "
         f"{num_experts!r}"
     )
+  return _soft(logits, num_experts)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _soft(logits, num_experts):
+  g, s, x = logits.shape
   c = x // num_experts
   dispatch = jax.nn.softmax(logits, axis=1).reshape(g, s, num_experts, c)
   combine_flat = jax.nn.softmax(logits, axis=2)
@@ -689,12 +716,17 @@ def hash_routing(
     raise ValueError(
         f"token_ids must have shape {logits.shape[:2]}, got {ids.shape}"
     )
+  return _hash(logits, ids, k, capacity)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _hash(logits, ids, k, capacity):
+  e = logits.shape[-1]
   base = (_hash32(ids) % jnp.uint32(e)).astype(jnp.int32)
   index = (base[..., None] + jnp.arange(k, dtype=jnp.int32)) % e
-  probs = jax.nn.softmax(logits, axis=-1)
   return _token_choice(
       logits=logits,
-      probs=probs,
+      probs=jax.nn.softmax(logits, axis=-1),
       expert_index=index,
       gates=jnp.full(index.shape, 1.0 / k, jnp.float32),
       active=jnp.ones(index.shape, bool),
@@ -735,12 +767,16 @@ def random_routing(
   capacity = _check_capacity(capacity)
   if key is None:
     raise ValueError("random routing needs an explicit key")
+  return _random(logits, key, k, capacity)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _random(logits, key, k, capacity):
   u = _draw(jax.random.uniform, key, logits.shape)
   _, index = jax.lax.top_k(u, k)
-  probs = jax.nn.softmax(logits, axis=-1)
   return _token_choice(
       logits=logits,
-      probs=probs,
+      probs=jax.nn.softmax(logits, axis=-1),
       expert_index=index,
       gates=jnp.full(index.shape, 1.0 / k, jnp.float32),
       active=jnp.ones(index.shape, bool),

@@ -35,6 +35,7 @@ True
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -58,7 +59,7 @@ def param_specs(
   >>> import jax.numpy as jnp
   >>> param_specs({"router": {"kernel": jnp.ones((4, 2))},
   ...              "experts": {"wi": jnp.ones((2, 4, 8))}})
-  {'experts': {'wi': PartitionSpec('expert',)}, 'router': {'kernel': PartitionSpec()}}
+  {'experts': {'wi': P('expert',)}, 'router': {'kernel': P()}}
   """
   return mtree.map_with_path(
       lambda path, _: P(expert_axis) if path.startswith("experts/") else P(),
@@ -183,32 +184,62 @@ def apply(
     )
   s = n // g
   g_local = g // n_dev
+  plan = _layer._plan(
+      params,
+      router=router,
+      s=s,
+      num_experts=e,
+      num_selected=num_selected,
+      capacity_factor=capacity_factor,
+      opts=opts,
+  )
   task_ids = _layer._tokens_GS(opts["task_ids"], "task_ids", token_shape, g, s)
   token_ids = _layer._tokens_GS(
       opts["token_ids"], "token_ids", token_shape, g, s
   )
   if router == "hash" and token_ids is None:
     token_ids = jnp.arange(n, dtype=jnp.int32).reshape(g, s)
+  _layer._check_inputs(router, opts, key, token_ids, task_ids, params)
+  y, metrics = _apply_sharded(
+      params,
+      x,
+      task_ids,
+      token_ids,
+      key,
+      plan,
+      mesh,
+      (data_axis, expert_axis),
+      dispatch,
+      g,
+  )
+  aux = dict(metrics)
+  aux["capacity"] = plan.capacity
+  return y, aux
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9))
+def _apply_sharded(
+    params, x, task_ids, token_ids, key, plan, mesh, tokens, dispatch, g
+):
+  """The traced part of :func:`apply`: one ``shard_map`` over the mesh."""
+  expert_axis = tokens[1]
+  e = plan.num_experts
+  n_dev = mesh.shape[tokens[0]] * mesh.shape[expert_axis]
+  g_local = g // n_dev
   dispatch_fn, combine_fn = _layer._DISPATCH[dispatch]
-  act = _layer._activation(opts["activation"])
-  tokens = (data_axis, expert_axis)
-  capacity_out = []
+  act = _layer._activation(plan.activation)
+  c = plan.capacity
 
   def body(params, x_GSD, task_ids, token_ids, key):
     g0 = jax.lax.axis_index(tokens) * g_local
-    r, c = _layer._route(
+    r = _layer._route(
         params["router"],
         x_GSD,
-        router=router,
-        num_experts=e,
-        num_selected=num_selected,
-        capacity_factor=capacity_factor,
+        plan,
         keys_G=_layer._group_keys(key, g0, g_local),
         task_ids_GS=task_ids,
         token_ids_GS=token_ids,
-        opts=opts,
     )
-    capacity_out.append(c)
     x_GECD = dispatch_fn(x_GSD, r, c, e)
     # [G_l, E, C, D] -> [n_e * G_l, E / n_e, C, D]: my experts, all groups.
     x_GECD = jax.lax.all_to_all(
@@ -234,39 +265,34 @@ def apply(
       tok if token_ids is not None else none,
       none,
   )
-  args = (params, x.reshape(g, s, d), task_ids, token_ids, key)
+  x_GSD = _reshape(x, (g, -1, x.shape[-1]), mesh, tokens)
+  args = (params, x_GSD, task_ids, token_ids, key)
   args = tuple(
       a if a is None else _place(a, mesh, sp) for a, sp in zip(args, in_specs)
   )
-  fn = jax.shard_map(
-      body,
-      mesh=mesh,
-      in_specs=in_specs,
-      out_specs=(tok, none),
-  )
-  y, aux = fn(*args)
-  aux = dict(aux)
-  aux["capacity"] = capacity_out[0]
-  return _unflatten(y, x.shape, mesh, tokens), aux
+  fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(tok, none))
+  y, metrics = fn(*args)
+  return _reshape(y, x.shape, mesh, tokens), metrics
 
 
-def _unflatten(
-    y_GSD: jax.Array, shape: tuple[int, ...], mesh, tokens: tuple[str, str]
+def _reshape(
+    a: jax.Array, shape: tuple[int, ...], mesh, tokens: tuple[str, str]
 ) -> jax.Array:
-  """Reshapes ``[G, S, D]`` back to ``shape``, keeping the token sharding."""
-  if y_GSD.shape == shape:
-    return y_GSD
+  """Reshapes token arrays, sharding the leading axis over ``tokens``.
+
+  On explicit meshes the target sharding must be spelled out: the leading
+  axis keeps the token sharding when the devices divide it, else the
+  result is replicated.
+  """
   explicit = all(
       t == jax.sharding.AxisType.Explicit for t in mesh.axis_types
   )
   if not explicit:
-    return y_GSD.reshape(shape)
-  n_dev = math.prod(mesh.shape[a] for a in tokens)
+    return a.reshape(shape)
+  shape = tuple(a.size // -math.prod(shape) if d == -1 else d for d in shape)
+  n_dev = math.prod(mesh.shape[t] for t in tokens)
   keep = len(shape) >= 2 and shape[0] % n_dev == 0
+  spec = P(tokens) if keep else P()
   return jnp.reshape(
-      y_GSD,
-      shape,
-      out_sharding=jax.sharding.NamedSharding(
-          mesh, P(tokens) if keep else P()
-      ),
+      a, shape, out_sharding=jax.sharding.NamedSharding(mesh, spec)
   )
