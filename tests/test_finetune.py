@@ -19,6 +19,7 @@ _ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_ROOT / "experiments"))
 
 import binaries  # noqa: E402
+import finetune_lib  # noqa: E402
 from configs import finetune as finetune_config  # noqa: E402
 
 
@@ -71,8 +72,7 @@ def test_smoke_in_process_with_flags(tmp_path):
 
 
 def test_trainable_head_and_label_smoothing(tmp_path):
-  finetune = _finetune()
-  m = finetune.run(
+  m = finetune_lib.run(
       _config(head="zeros", freeze_head=False, label_smoothing=0.1),
       tmp_path,
   )
@@ -83,13 +83,12 @@ def test_trainable_head_and_label_smoothing(tmp_path):
 
 
 def test_linearized_run_is_the_linear_model(tmp_path):
-  finetune = _finetune()
-  m = finetune.run(_config(linearized=True), tmp_path)
+  m = finetune_lib.run(_config(linearized=True), tmp_path)
   pre, ft = _read(tmp_path, "pretrained"), _read(tmp_path, "finetuned")
   assert checkpoint.read_metadata(tmp_path / "finetuned")["linearized"]
   # Reported test accuracy is that of the linearised model at `ft`.
   clf = models.classifier(models.get("mlp", "tiny"), 10)
-  task = finetune.load_task(_config())
+  task = finetune_lib.load_task(_config())
   f = jax.jit(ntk.linearize(clf.apply, include="^encoder/"))
   acc = np.mean(
       np.argmax(f(pre, ft, task["test"].images), -1) == task["test"].labels
@@ -98,11 +97,10 @@ def test_linearized_run_is_the_linear_model(tmp_path):
 
 
 def test_pretrained_checkpoint_and_mismatch(tmp_path):
-  finetune = _finetune()
   enc = models.get("mlp", "tiny")
   p = enc.init(jax.random.key(3), np.zeros((1, 8, 8, 1), np.float32))
   checkpoint.save(tmp_path / "pre", p)
-  finetune.run(
+  finetune_lib.run(
       _config(
           pretrained=str(tmp_path / "pre"),
           steps=2,
@@ -121,7 +119,7 @@ def test_pretrained_checkpoint_and_mismatch(tmp_path):
   )
   checkpoint.save(tmp_path / "bad", bad)
   with pytest.raises(ValueError, match="does not fit model"):
-    finetune.run(_config(pretrained=str(tmp_path / "bad")), tmp_path / "x")
+    finetune_lib.run(_config(pretrained=str(tmp_path / "bad")), tmp_path / "x")
 
 
 def _binary(workdir, *extra):
@@ -143,9 +141,8 @@ def _binary(workdir, *extra):
 
 
 def test_kill_and_resume_subprocess_matches_uninterrupted(tmp_path):
-  finetune = _finetune()
   ref = tmp_path / "ref"
-  finetune.run(_config(linearized=True), ref)
+  finetune_lib.run(_config(linearized=True), ref)
   run = tmp_path / "run"
   killed = _binary(run, "--linearized", "--kill_at_step=6")
   assert killed.returncode == -9, killed.stderr[-2000:]

@@ -24,8 +24,11 @@ from mtx.data._core import load
 from mtx.data._core import load_digits
 from mtx.data._core import load_idx
 from mtx.data._core import read_idx
+from mtx.data._core import resize
+from mtx.data._core import rotation_prediction
 from mtx.data._core import split
 from mtx.data._core import transform
+from mtx.data import tasks
 
 __all__ = [
     "IDX_LOCATIONS",
@@ -38,6 +41,9 @@ __all__ = [
     "load_digits",
     "load_idx",
     "read_idx",
+    "resize",
+    "rotation_prediction",
     "split",
+    "tasks",
     "transform",
 ]

@@ -344,3 +344,58 @@ def transform(ds: Dataset, name: str) -> Dataset:
   images = np.ascontiguousarray(TRANSFORMS[name](ds.images), np.float32)
   suffix = "" if name == "none" else f"+{name}"
   return dataclasses.replace(ds, images=images, name=ds.name + suffix)
+
+
+def resize(ds: Dataset, size: int | tuple[int, int]) -> Dataset:
+  """``ds`` with its images resized to ``size`` (``int`` = square).
+
+  Bilinear interpolation, antialiased when shrinking (so 28x28 Fashion-MNIST
+  and 8x8 digits meet at a common resolution); values stay in [0, 1].
+
+  >>> ds = Dataset(np.ones((2, 8, 8, 1), np.float32), np.zeros(2, int), 1)
+  >>> resize(ds, 16).images.shape, float(resize(ds, 4).images.max())
+  ((2, 16, 16, 1), 1.0)
+  """
+  h, w = (size, size) if isinstance(size, int) else tuple(size)
+  if h < 1 or w < 1:
+    raise ValueError(f"size must be positive, got {size!r}")
+  n, h0, w0, c = ds.images.shape
+  if (h0, w0) == (h, w):
+    return ds
+  if n == 0:
+    return dataclasses.replace(ds, images=np.zeros((0, h, w, c), np.float32))
+  fn = jax.jit(
+      lambda x: jax.image.resize(
+          x, (x.shape[0], h, w, c), method="linear", antialias=True
+      )
+  )
+  out = [
+      np.asarray(fn(jnp.asarray(ds.images[i : i + 4096])))
+      for i in range(0, n, 4096)
+  ]
+  images = np.clip(np.concatenate(out), 0.0, 1.0)
+  return dataclasses.replace(ds, images=images.astype(np.float32))
+
+
+def rotation_prediction(ds: Dataset) -> Dataset:
+  """Self-supervised rotation prediction (Gidaris et al., 2018).
+
+  Every image appears four times, rotated by k·90°, labelled k; a backbone
+  pretrained on it learns features without the task labels.
+
+  >>> ds = Dataset(np.zeros((2, 3, 3, 1), np.float32), np.zeros(2, int), 1)
+  >>> r = rotation_prediction(ds)
+  >>> len(r), r.num_classes, r.labels.tolist()
+  (8, 4, [0, 0, 1, 1, 2, 2, 3, 3])
+  """
+  images = np.concatenate(
+      [np.rot90(ds.images, k, axes=(1, 2)) for k in range(4)]
+  )
+  labels = np.repeat(np.arange(4, dtype=np.int32), len(ds))
+  return Dataset(
+      np.ascontiguousarray(images, np.float32),
+      labels,
+      4,
+      f"{ds.name}+rotation",
+      ("0", "90", "180", "270"),
+  )
