@@ -35,6 +35,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
@@ -406,6 +407,11 @@ def text_encoder(config: Config = Config()) -> Model:
   return Model(_name(config) + ".text", init, apply, config)
 
 
+@functools.lru_cache(maxsize=8)
+def _jitted_text_apply(config: Config):
+  return jax.jit(text_encoder(config).apply)
+
+
 Tokenize = Callable[[list[str]], "np.ndarray | tuple[np.ndarray, np.ndarray]"]
 
 
@@ -451,8 +457,7 @@ def zero_shot_head(
   """
   if not class_names or not templates:
     raise ValueError("need at least one class name and one template")
-  encoder = text_encoder(config)
-  embed = jax.jit(encoder.apply)
+  embed = _jitted_text_apply(config)
   columns = []
   for name in class_names:
     tokens = tokenize([t.format(name) for t in templates])
