@@ -43,7 +43,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from mtx import tree as mtree
 from mtx.moe import routing as _routing
+
+_acc = mtree.accum_dtype  # float32, or float64 under jax_enable_x64
 
 __all__ = ["ACTIVATIONS", "BACKENDS", "ROUTERS", "apply", "expert_mlp", "init"]
 
@@ -122,7 +125,10 @@ def init(
   >>> jax.tree.map(lambda a: a.shape, p)
   {'experts': {'wi': (2, 4, 8), 'wo': (2, 8, 4)}, 'router': {'kernel': (4, 2)}}
   """
-  if num_tasks is not None and task_conditioning not in ("per_task", "embedding"):
+  if num_tasks is not None and task_conditioning not in (
+      "per_task",
+      "embedding",
+  ):
     raise ValueError(
         f"task_conditioning must be 'per_task' or 'embedding', got "
         f"{task_conditioning!r}"
@@ -144,7 +150,9 @@ def init(
 @functools.partial(jax.jit, static_argnums=tuple(range(1, 10)))
 def _init(key, d, f, e, slots, t, conditioning, num_shared, router_std, dtype):
   shapes = {
-      "kernel": (t, d, e * slots) if conditioning == "per_task" and t else (
+      "kernel": (t, d, e * slots)
+      if conditioning == "per_task" and t
+      else (
           d,
           e * slots,
       ),
@@ -178,8 +186,7 @@ def _normals(key: jax.Array, shapes: tuple[tuple[int, ...], ...]):
   z = jax.random.normal(key, (sum(sizes),), jnp.float32)
   offsets = [0, *itertools.accumulate(sizes)]
   return [
-      z[o : o + n].reshape(shape)
-      for shape, o, n in zip(shapes, offsets, sizes)
+      z[o : o + n].reshape(shape) for shape, o, n in zip(shapes, offsets, sizes)
   ]
 
 
@@ -378,9 +385,7 @@ def _route(
     token_ids_GS: jax.Array | None,
 ) -> _routing.Routing:
   """Routes one set of groups as ``plan`` says."""
-  logits = _routing.router_logits(
-      router_params, x_GSD, task_ids_GS=task_ids_GS
-  )
+  logits = _routing.router_logits(router_params, x_GSD, task_ids_GS=task_ids_GS)
   c = None if plan.dropless else plan.capacity
   k = plan.num_selected
   if plan.router == "soft":
@@ -415,9 +420,7 @@ def _check_inputs(router, opts, key, token_ids, task_ids, params):
     if opts["second_expert_policy"] == "random":
       raise ValueError("second_expert_policy='random' needs an explicit key")
   r = params["router"]
-  if task_ids is None and (
-      jnp.ndim(r["kernel"]) == 3 or "task_embedding" in r
-  ):
+  if task_ids is None and (jnp.ndim(r["kernel"]) == 3 or "task_embedding" in r):
     raise ValueError(
         "task-conditioned router (kernel [T, D, E] or task_embedding) needs "
         "task_ids"
@@ -441,20 +444,20 @@ def combine_einsum(
 ) -> jax.Array:
   """Expert buffers back to tokens (float32) with the combine tensor."""
   w = _dense_dispatch(r, c, e, s, weighted=True)
-  return jnp.einsum("gsec,gecd->gsd", w, o_GECD.astype(jnp.float32))
+  return jnp.einsum("gsec,gecd->gsd", w, o_GECD.astype(_acc()))
 
 
 def _dense_dispatch(r, c, e, s, *, weighted):
   if isinstance(r, _routing.SoftRouting):
     return r.combine if weighted else r.dispatch
   if isinstance(r, _routing.ExpertChoice):
-    oh = jax.nn.one_hot(r.token_index, s, dtype=jnp.float32)  # [G, E, C, S]
+    oh = jax.nn.one_hot(r.token_index, s, dtype=_acc())  # [G, E, C, S]
     if weighted:
       oh = oh * r.weight[..., None]
     return jnp.transpose(oh, (0, 3, 1, 2))
-  oh_e = jax.nn.one_hot(r.expert_index, e, dtype=jnp.float32)
+  oh_e = jax.nn.one_hot(r.expert_index, e, dtype=_acc())
   pos = jnp.where(r.kept, r.position, c)  # out of range -> all-zero row
-  oh_c = jax.nn.one_hot(pos, c, dtype=jnp.float32)
+  oh_c = jax.nn.one_hot(pos, c, dtype=_acc())
   if weighted:
     return jnp.einsum("gske,gskc,gsk->gsec", oh_e, oh_c, r.weight)
   return jnp.einsum("gske,gskc->gsec", oh_e, oh_c)
@@ -494,11 +497,11 @@ def combine_sort(
   if isinstance(r, _routing.SoftRouting):
     return combine_einsum(o_GECD, r, c, e, s)
   g, _, _, dim = o_GECD.shape
-  o = o_GECD.astype(jnp.float32)
+  o = o_GECD.astype(_acc())
   if isinstance(r, _routing.ExpertChoice):
     contrib = o * r.weight[..., None]
     return jax.vmap(
-        lambda cg, t: jnp.zeros((s, dim), jnp.float32)
+        lambda cg, t: jnp.zeros((s, dim), _acc())
         .at[t.reshape(-1)]
         .add(cg.reshape(-1, dim))
     )(contrib, r.token_index)
@@ -559,7 +562,7 @@ def _ragged(experts, x_GSD, r, c, act):
   rows = x.reshape(g * s, dim)[order // k]
   out = experts_on(rows, sizes)  # rows past sum(sizes) come out as 0
   back = jnp.zeros((n, dim), out.dtype).at[order].set(out)
-  back = back.reshape(g, s, k, dim).astype(jnp.float32)
+  back = back.reshape(g, s, k, dim).astype(_acc())
   return jnp.einsum("gskd,gsk->gsd", back, r.weight)
 
 
@@ -712,5 +715,5 @@ def _apply_groups(params, x_GSD, key, task_ids, token_ids, plan, backend):
   act = _activation(plan.activation)
   y = _LOCAL_BACKENDS[backend](params["experts"], x_GSD, r, plan.capacity, act)
   if "shared" in params:
-    y = y + _shared(params["shared"], x_GSD, act).astype(jnp.float32)
+    y = y + _shared(params["shared"], x_GSD, act).astype(_acc())
   return y.astype(x_GSD.dtype), r.metrics

@@ -35,8 +35,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from mtx import tree as mtree
 from mtx.moe import layer as _layer
 from mtx.moe import routing as _routing
+
+_acc = mtree.accum_dtype  # float32, or float64 under jax_enable_x64
 
 __all__ = [
     "experts_apply",
@@ -126,9 +129,7 @@ def rank_init(
         "b": jnp.zeros((rank, d_out), dtype),
         "bias": jnp.zeros((rank,), jnp.float32),
     }
-  raise ValueError(
-      f"router must be 'explicit' or 'implicit', got {router!r}"
-  )
+  raise ValueError(f"router must be 'explicit' or 'implicit', got {router!r}")
 
 
 def _check_linear(kernel, x, a_shape_in, d_out, what):
@@ -213,27 +214,27 @@ def _rank_apply(params, x, k, scale):
   r = a.shape[1]
   lead = x.shape[:-1]
   x_GSD = x.reshape(1, -1, x.shape[-1])
-  z = jnp.einsum("gsd,dr->gsr", x_GSD.astype(a.dtype), a).astype(jnp.float32)
+  z = jnp.einsum("gsd,dr->gsr", x_GSD.astype(a.dtype), a).astype(_acc())
   if "router" in params:
     logits = _routing.router_logits(params["router"], x_GSD)
     t = _routing._top_k(logits, None, k, None, True, False, "all", 0.0)
     idx, w, metrics = t.expert_index, t.weight * k, t.metrics
   else:
-    score = jnp.abs(z) + jnp.asarray(params.get("bias", 0.0), jnp.float32)
+    score = jnp.abs(z) + jnp.asarray(params.get("bias", 0.0), _acc())
     _, idx = jax.lax.top_k(jax.lax.stop_gradient(score), k)
-    w = jnp.ones(idx.shape, jnp.float32)
-    load = jnp.zeros((r,), jnp.float32).at[idx.reshape(-1)].add(1.0)
+    w = jnp.ones(idx.shape, _acc())
+    load = jnp.zeros((r,), _acc()).at[idx.reshape(-1)].add(1.0)
     load = load / load.sum()
     metrics = {
         "load_balance_loss": r * jnp.sum(load**2),
         "expert_load": load,
-        "drop_fraction": jnp.float32(0.0),
+        "drop_fraction": jnp.asarray(0.0, _acc()),
     }
-  w_GSR = jnp.zeros(z.shape, jnp.float32)
+  w_GSR = jnp.zeros(z.shape, _acc())
   w_GSR = jax.vmap(jax.vmap(lambda row, i, v: row.at[i].set(v)))(w_GSR, idx, w)
   delta = scale * jnp.einsum(
       "gsr,rd->gsd", (z * w_GSR).astype(b.dtype), b
-  ).astype(jnp.float32)
+  ).astype(_acc())
   return delta.astype(x.dtype).reshape(*lead, b.shape[1]), metrics
 
 
@@ -353,12 +354,12 @@ def _experts_apply(kernel, params, x, bias, k, normalize, scale):
   z = jnp.einsum("gsd,edr->gser", x_GSD.astype(a.dtype), a)
   delta = jnp.einsum(
       "gser,gse,erd->gsd",
-      z.astype(jnp.float32),
+      z.astype(_acc()),
       gate_GSE,
-      b.astype(jnp.float32),
+      b.astype(_acc()),
   )
-  y = jnp.einsum("gsd,df->gsf", x_GSD, kernel).astype(jnp.float32)
+  y = jnp.einsum("gsd,df->gsf", x_GSD, kernel).astype(_acc())
   if bias is not None:
-    y = y + jnp.asarray(bias, jnp.float32)
+    y = y + jnp.asarray(bias, _acc())
   y = y + scale * delta
   return y.astype(x.dtype).reshape(*lead, kernel.shape[1]), t.metrics

@@ -42,6 +42,7 @@ per-group keys so that sharded and unsharded runs draw the same numbers.
 Example:
 
 >>> import jax.numpy as jnp
+
 >>> from mtx.moe import routing
 >>> logits = jnp.array([[[2.0, 0.0], [3.0, 0.0], [0.0, 1.0]]])  # [G=1,S=3,E=2]
 >>> r = routing.top_k_routing(logits, num_selected=1, capacity=1)
@@ -62,6 +63,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from mtx import tree as mtree
+
+_acc = mtree.accum_dtype  # float32, or float64 under jax_enable_x64
 
 __all__ = [
     "ExpertChoice",
@@ -213,7 +218,7 @@ def router_logits(
   [[[1.0, 0.0], [-1.0, 0.0]]]
   """
   kernel = jnp.asarray(router["kernel"])
-  x = jnp.asarray(x_GSD).astype(jnp.float32)
+  x = jnp.asarray(x_GSD).astype(_acc())
   d = x.shape[-1]
   if kernel.shape[-2] != d:
     raise ValueError(
@@ -226,9 +231,9 @@ def router_logits(
         "task_ids"
     )
   if "task_embedding" in router:
-    emb = jnp.asarray(router["task_embedding"]).astype(jnp.float32)
+    emb = jnp.asarray(router["task_embedding"]).astype(_acc())
     x = x + emb[task_ids_GS]
-  kernel = kernel.astype(jnp.float32)
+  kernel = kernel.astype(_acc())
   if per_task:
     # One [G, S, T, X] product, then each token keeps its task's row: cheap
     # for the handful of tasks this is meant for.
@@ -243,7 +248,7 @@ def router_logits(
         f"router kernel must be [D, E] or [T, D, E], got {list(kernel.shape)}"
     )
   if "bias" in router:
-    logits = logits + jnp.asarray(router["bias"]).astype(jnp.float32)
+    logits = logits + jnp.asarray(router["bias"]).astype(_acc())
   return logits
 
 
@@ -276,7 +281,7 @@ def _as_logits(logits: jax.typing.ArrayLike, name: str = "logits") -> jax.Array:
   logits = jnp.asarray(logits)
   if logits.ndim != 3:
     raise ValueError(f"{name} must be [G, S, E], got shape {logits.shape}")
-  return logits.astype(jnp.float32)
+  return logits.astype(_acc())
 
 
 def _check_k(num_selected: Any, num_experts: int) -> int:
@@ -314,9 +319,7 @@ def _draw(
   if not per_group:
     return fn(key, shape)
   if key.shape[0] != shape[0]:
-    raise ValueError(
-        f"got {key.shape[0]} per-group keys for {shape[0]} groups"
-    )
+    raise ValueError(f"got {key.shape[0]} per-group keys for {shape[0]} groups")
   return jax.vmap(lambda k: fn(k, shape[1:]))(key)
 
 
@@ -386,15 +389,17 @@ def _token_choice(
   e = probs.shape[-1]
   position, routed_GE = _assign_positions(expert_index, active, e, priority)
   kept = active if capacity is None else active & (position < capacity)
-  weight = jnp.where(kept, gates, 0.0).astype(jnp.float32)
-  routed_GE = routed_GE.astype(jnp.float32)
+  weight = jnp.where(kept, gates, 0.0).astype(_acc())
+  routed_GE = routed_GE.astype(_acc())
   n_routed_G = jnp.maximum(routed_GE.sum(-1), 1.0)
   f_GE = jax.lax.stop_gradient(routed_GE / n_routed_G[:, None])
   p_GE = probs.mean(axis=1)
   n_routed = jnp.maximum(routed_GE.sum(), 1.0)
-  kept_GE = jnp.zeros((g, e), jnp.float32).at[
-      jnp.arange(g)[:, None], expert_index.reshape(g, s * k)
-  ].add(kept.reshape(g, s * k).astype(jnp.float32))
+  kept_GE = (
+      jnp.zeros((g, e), _acc())
+      .at[jnp.arange(g)[:, None], expert_index.reshape(g, s * k)]
+      .add(kept.reshape(g, s * k).astype(_acc()))
+  )
   slots = s if capacity is None else capacity
   metrics = {
       "load_balance_loss": jnp.mean(e * jnp.sum(f_GE * p_GE, axis=-1)),
@@ -490,9 +495,7 @@ def top_k_routing(
     raise ValueError(f"noise_std must be >= 0, got {noise_std!r}")
   needs_key = noise_std > 0 or second_expert_policy == "random"
   if needs_key and key is None:
-    raise ValueError(
-        "noisy gating / random second expert need an explicit key"
-    )
+    raise ValueError("noisy gating / random second expert need an explicit key")
   if normalize is None:
     normalize = k > 1 or second_expert_policy == "random"
   return _top_k(
@@ -591,17 +594,17 @@ def _expert_choice(logits, c):
   probs = jax.nn.softmax(logits, axis=-1)
   weight, token_index = jax.lax.top_k(jnp.swapaxes(probs, 1, 2), c)
   chosen_GS = (
-      jnp.zeros((g, s), jnp.float32)
+      jnp.zeros((g, s), _acc())
       .at[jnp.arange(g)[:, None], token_index.reshape(g, e * c)]
       .add(1.0)
   )
   metrics = {
-      "load_balance_loss": jnp.float32(1.0),
+      "load_balance_loss": jnp.asarray(1.0, _acc()),
       "router_z_loss": _z_loss(logits),
       "router_entropy": jnp.mean(_entropy(probs)),
-      "expert_load": jnp.full((e,), 1.0 / e, jnp.float32),
-      "expert_fill": jnp.ones((e,), jnp.float32),
-      "drop_fraction": jnp.mean((chosen_GS == 0).astype(jnp.float32)),
+      "expert_load": jnp.full((e,), 1.0 / e, _acc()),
+      "expert_fill": jnp.ones((e,), _acc()),
+      "drop_fraction": jnp.mean((chosen_GS == 0).astype(_acc())),
   }
   return ExpertChoice(
       token_index=token_index.astype(jnp.int32),
@@ -657,12 +660,12 @@ def _soft(logits, num_experts):
   combine_flat = jax.nn.softmax(logits, axis=2)
   combine = combine_flat.reshape(g, s, num_experts, c)
   metrics = {
-      "load_balance_loss": jnp.float32(1.0),
+      "load_balance_loss": jnp.asarray(1.0, _acc()),
       "router_z_loss": _z_loss(logits),
       "router_entropy": jnp.mean(_entropy(combine_flat)),
       "expert_load": combine.sum(-1).mean((0, 1)),
-      "expert_fill": jnp.ones((num_experts,), jnp.float32),
-      "drop_fraction": jnp.float32(0.0),
+      "expert_fill": jnp.ones((num_experts,), _acc()),
+      "drop_fraction": jnp.asarray(0.0, _acc()),
   }
   return SoftRouting(dispatch=dispatch, combine=combine, metrics=metrics)
 
@@ -728,7 +731,7 @@ def _hash(logits, ids, k, capacity):
       logits=logits,
       probs=jax.nn.softmax(logits, axis=-1),
       expert_index=index,
-      gates=jnp.full(index.shape, 1.0 / k, jnp.float32),
+      gates=jnp.full(index.shape, 1.0 / k, _acc()),
       active=jnp.ones(index.shape, bool),
       capacity=capacity,
       priority=None,
@@ -778,7 +781,7 @@ def _random(logits, key, k, capacity):
       logits=logits,
       probs=jax.nn.softmax(logits, axis=-1),
       expert_index=index,
-      gates=jnp.full(index.shape, 1.0 / k, jnp.float32),
+      gates=jnp.full(index.shape, 1.0 / k, _acc()),
       active=jnp.ones(index.shape, bool),
       capacity=capacity,
       priority=None,

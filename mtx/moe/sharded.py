@@ -46,6 +46,8 @@ import jax.numpy as jnp
 from mtx import tree as mtree
 from mtx.moe import layer as _layer
 
+_acc = mtree.accum_dtype  # float32, or float64 under jax_enable_x64
+
 P = jax.sharding.PartitionSpec
 
 __all__ = ["apply", "param_specs", "shard_params"]
@@ -91,9 +93,7 @@ def _place(x: Any, mesh: jax.sharding.Mesh, spec: Any) -> Any:
   Explicit mesh axes: ``reshard`` (``shard_map`` requires the input
   shardings to match ``in_specs``); auto axes: a sharding constraint.
   """
-  explicit = all(
-      t == jax.sharding.AxisType.Explicit for t in mesh.axis_types
-  )
+  explicit = all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
 
   def put(a, sp):
     s = jax.sharding.NamedSharding(mesh, sp)
@@ -183,7 +183,6 @@ def apply(
         f"{n} tokens, got {g!r}"
     )
   s = n // g
-  g_local = g // n_dev
   plan = _layer._plan(
       params,
       router=router,
@@ -224,8 +223,7 @@ def _apply_sharded(
   """The traced part of :func:`apply`: one ``shard_map`` over the mesh."""
   expert_axis = tokens[1]
   e = plan.num_experts
-  n_dev = mesh.shape[tokens[0]] * mesh.shape[expert_axis]
-  g_local = g // n_dev
+  g_local = g // (mesh.shape[tokens[0]] * mesh.shape[expert_axis])
   dispatch_fn, combine_fn = _layer._DISPATCH[dispatch]
   act = _layer._activation(plan.activation)
   c = plan.capacity
@@ -251,7 +249,7 @@ def _apply_sharded(
     )
     y = combine_fn(o_GECD, r, c, e, x_GSD.shape[1])
     if "shared" in params:
-      y = y + _layer._shared(params["shared"], x_GSD, act).astype(jnp.float32)
+      y = y + _layer._shared(params["shared"], x_GSD, act).astype(_acc())
     metrics = jax.tree.map(lambda m: jax.lax.pmean(m, tokens), r.metrics)
     return y.astype(x_GSD.dtype), metrics
 
@@ -284,9 +282,7 @@ def _reshape(
   axis keeps the token sharding when the devices divide it, else the
   result is replicated.
   """
-  explicit = all(
-      t == jax.sharding.AxisType.Explicit for t in mesh.axis_types
-  )
+  explicit = all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
   if not explicit:
     return a.reshape(shape)
   shape = tuple(a.size // -math.prod(shape) if d == -1 else d for d in shape)

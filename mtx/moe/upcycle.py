@@ -49,7 +49,9 @@ PyTree = Any
 def _check_mlp(mlp: Any, name: str) -> tuple[jax.Array, jax.Array]:
   if not isinstance(mlp, Mapping) or set(mlp) != {"wi", "wo"}:
     keys = sorted(mlp) if isinstance(mlp, Mapping) else type(mlp).__name__
-    raise ValueError(f"{name} must be {{'wi': [D, F], 'wo': [F, D]}}, got {keys}")
+    raise ValueError(
+        f"{name} must be {{'wi': [D, F], 'wo': [F, D]}}, got {keys}"
+    )
   wi, wo = jnp.asarray(mlp["wi"]), jnp.asarray(mlp["wo"])
   if wi.ndim != 2 or wo.shape != wi.shape[::-1]:
     raise ValueError(
@@ -110,7 +112,9 @@ def upcycle(
     if noise_std > 0:
       experts = _add_noise(experts, k_noise, noise_std)
     if router_std > 0:
-      kernel = router_std * _layer._normals_jit(k_router, ((d, num_experts),))[0]
+      kernel = (
+          router_std * _layer._normals_jit(k_router, ((d, num_experts),))[0]
+      )
   experts = jax.tree.map(jnp.array, experts)  # materialise the copies
   return {"router": {"kernel": kernel}, "experts": experts}
 
