@@ -11,8 +11,9 @@ Modules:
   data: offline datasets and task suites.
   io: safetensors / Hugging Face checkpoint import and export.
   checkpoint: orbax save/restore with metadata (imports orbax).
+  training: optimizer, loss and (linearised) train/eval steps.
 
-The last five load on first use (``mtx.models``), so ``import mtx`` stays
+The last six load on first use (``mtx.models``), so ``import mtx`` stays
 light and the core needs only jax and numpy.
 """
 
@@ -26,7 +27,7 @@ from mtx import tree
 
 __version__ = "0.1.0"
 
-_LAZY = ("checkpoint", "data", "io", "models", "moe")
+_LAZY = ("checkpoint", "data", "io", "models", "moe", "training")
 
 
 def __getattr__(name):
@@ -45,6 +46,7 @@ __all__ = [
     "ntk",
     "sharding",
     "task_vectors",
+    "training",
     "tree",
     "__version__",
 ]
