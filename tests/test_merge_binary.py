@@ -523,3 +523,21 @@ def test_binary_as_a_subprocess_reports_errors_on_stderr(tmp_path):
   assert last.startswith("merge: error: ") and "ft1/model.safetensors" in last
   assert "truncated" in last
   assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_merging_on_a_mesh_of_8_faked_cpu_devices():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env["JAX_PLATFORMS"] = "cpu"
+  proc = subprocess.run(
+      [
+          sys.executable,
+          os.path.join(os.path.dirname(__file__), "merge_mesh_check.py"),
+      ],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
+  assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+  assert proc.stdout.strip().endswith("passed"), proc.stdout[-2000:]

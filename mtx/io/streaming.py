@@ -425,6 +425,65 @@ def _put(x, sharding) -> jax.Array:
   )
 
 
+def load_sharded(
+    model: Model | PathLike,
+    mesh: jax.sharding.Mesh,
+    rules: Sequence[tuple[str, P]] = (),
+) -> Any:
+  """A model's params placed on ``mesh`` (layouts from :func:`shardings_for`);
+  each device reads only its slice of each memory-mapped tensor."""
+  model = open_model(model)
+  sh = shardings_for(
+      model.paths, [np.shape(x) for x in model.leaves], mesh, rules
+  )
+  leaves = []
+  for i, (x, s) in enumerate(zip(model.leaves, sh)):
+    leaves.append(_put(x, s))
+    model.release(i)
+  return mtree.unflatten(model.treedef, leaves)
+
+
+def merge_on_mesh(
+    pretrained: Model | PathLike,
+    finetuned: Sequence[Model | PathLike],
+    method: str | merging.Merger,
+    mesh: jax.sharding.Mesh,
+    *,
+    rules: Sequence[tuple[str, P]] = (),
+    **kwargs: Any,
+) -> Any:
+  """Loads the models sharded on ``mesh`` and merges them there in memory.
+
+  The models are placed with :func:`load_sharded` (each device holds its
+  slices of the ``T + 1`` models) and merged by :func:`mtx.merging.merge`,
+  which keeps every leaf's sharding and gathers nothing. Use
+  :func:`merge_tensors` (``mesh=``) to stream instead (one tensor of each
+  model on the mesh at a time).
+
+  Args:
+    pretrained: θ0 (a path or :class:`Model`).
+    finetuned: the fine-tuned models.
+    method: a registry name or a built merger.
+    mesh: the device mesh.
+    rules: ``[(regex, PartitionSpec)]`` first-match layouts (default:
+      :func:`default_spec`).
+    **kwargs: ``mtx.merging.merge`` arguments (``scale``, ``key``,
+      ``include``, hyperparameters...).
+
+  Returns:
+    The merged params, each leaf sharded like the pretrained one.
+  """
+  pre = open_model(pretrained)
+  fts = [open_model(f) for f in finetuned]
+  check_compatible(pre, fts)
+  return merging.merge(
+      load_sharded(pre, mesh, rules),
+      [load_sharded(f, mesh, rules) for f in fts],
+      method,
+      **kwargs,
+  )
+
+
 # ----------------------------------------------------------------------------
 # The streaming merge.
 
@@ -869,7 +928,9 @@ __all__ = [
     "check_compatible",
     "copy_side_files",
     "default_spec",
+    "load_sharded",
     "merge_checkpoints",
+    "merge_on_mesh",
     "merge_tensors",
     "open_model",
     "parse_mesh",
