@@ -55,7 +55,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -368,11 +368,33 @@ def param_shapes(arch: str, config):
 
 
 def _where(name: str, files) -> str:
+  if isinstance(files, str):
+    return files
+  if files and name in files:
+    return files[name]
+  return _sources(files)
+
+
+def _sources(files) -> str:
   if files is None:
     return "the given tensors"
   if isinstance(files, str):
     return files
-  return files.get(name, "the given tensors")
+  distinct = sorted(set(files.values()))
+  if not distinct:
+    return "the given tensors"
+  more = f" (and {len(distinct) - 1} more files)" if len(distinct) > 1 else ""
+  return distinct[0] + more
+
+
+def _hf_shape(shape: tuple[int, ...], transform: str) -> tuple[int, ...]:
+  """The Hugging Face shape of an mtx param of ``shape``."""
+  if transform == "linear":
+    return tuple(reversed(shape))
+  if transform == "conv2d":
+    kh, kw, cin, cout = shape
+    return (cout, cin, kh, kw)
+  return tuple(shape)
 
 
 def _path_of(rules, hf_name: str) -> str:
@@ -394,6 +416,7 @@ def from_hf_tensors(
     *,
     files: str | Mapping[str, str] | None = None,
     dtype=None,
+    ignore: Sequence[str] = (),
 ):
   """Hugging Face tensors -> mtx params of ``arch`` with ``config``.
 
@@ -405,6 +428,9 @@ def from_hf_tensors(
     files: where the tensors come from, for error messages: one file, or
       name -> file.
     dtype: cast every param to this dtype (default: keep each tensor's).
+    ignore: regexes (``re.match`` on the full name) of tensors to leave out
+      on purpose, e.g. ``[r"cls\\."]`` for the pre-training heads of
+      ``BertForPreTraining`` checkpoints; they are not exported again.
 
   Returns:
     The params tree, as ``model.init`` builds it, of jax arrays.
@@ -430,9 +456,10 @@ def from_hf_tensors(
         hf_names[path] = _fill(c.rule.hf, m)
         break
   tied = []
+  skip = [re.compile(p) for p in ignore]
   for name in tensors:
     base = name[len(a.prefix) :] if name.startswith(a.prefix) else name
-    if _buffer(a, base):
+    if _buffer(a, base) or any(p.match(name) for p in skip):
       continue
     path = None
     for c in rules:
@@ -464,21 +491,25 @@ def from_hf_tensors(
     first = missing[0]
     raise ValueError(
         f"missing tensor {hf_names.get(first, first)!r} (param {first!r}) in"
-        f" {_where(first, files)}; {len(missing)} param(s) missing in all:"
+        f" {_sources(files)}; {len(missing)} param(s) missing in all:"
         f" {[hf_names.get(p, p) for p in missing[:8]]}"
     )
-
-  def load(key_path, spec):
-    path = _path(key_path)
-    name = names[path]
-    transform = next(c.rule.transform for c in rules if c.mtx.match(path))
-    array = _to_mtx(np.asarray(tensors[name]), transform)
-    if array.shape != spec.shape:
+  transforms = {}
+  for path, name in names.items():  # shapes first, before reading any data
+    transforms[path] = next(
+        c.rule.transform for c in rules if c.mtx.match(path)
+    )
+    want = _hf_shape(shapes[path], transforms[path])
+    if tuple(np.shape(tensors[name])) != want:
       raise ValueError(
           f"tensor {name!r} in {_where(name, files)} has shape"
           f" {tuple(np.shape(tensors[name]))}; {arch} param {path!r} needs"
-          f" {spec.shape} (after {transform!r})"
+          f" {want} ({shapes[path]} after {transforms[path]!r})"
       )
+
+  def load(key_path, spec):
+    path = _path(key_path)
+    array = _to_mtx(np.asarray(tensors[names[path]]), transforms[path])
     return jnp.asarray(array, dtype)
 
   params = jax.tree_util.tree_map_with_path(load, expected)
@@ -547,13 +578,17 @@ def _adjust(arch: str, config, has_pooler: bool):
   return config
 
 
-def load(path: str | os.PathLike, *, dtype=None) -> tuple[Model, Any, dict]:
+def load(
+    path: str | os.PathLike, *, dtype=None, ignore: Sequence[str] = ()
+) -> tuple[Model, Any, dict]:
   """Loads a Hugging Face checkpoint directory.
 
   Args:
     path: a directory with ``config.json`` and ``model.safetensors`` (or
       sharded safetensors with ``model.safetensors.index.json``).
     dtype: cast params to this dtype (default: the checkpoint's).
+    ignore: regexes of tensor names to leave out on purpose (see
+      :func:`from_hf_tensors`).
 
   Returns:
     ``(model, params, hf_config)``: the :class:`~mtx.models.Model` built from
@@ -575,7 +610,9 @@ def load(path: str | os.PathLike, *, dtype=None) -> tuple[Model, Any, dict]:
   files = {name: tensors.info(name).file for name in tensors}
   has_pooler = any(n.endswith("pooler.dense.weight") for n in tensors)
   config = _adjust(arch, config_from_hf(hf_config), has_pooler)
-  params = from_hf_tensors(arch, tensors, config, files=files, dtype=dtype)
+  params = from_hf_tensors(
+      arch, tensors, config, files=files, dtype=dtype, ignore=ignore
+  )
   return _model(arch, config), params, hf_config
 
 
@@ -592,7 +629,7 @@ def save(
     params,
     hf_config: Mapping[str, Any],
     *,
-    shard_size: int | None = None,
+    shard_size: int | str | None = None,
 ) -> None:
   """Writes params as a Hugging Face checkpoint directory.
 
@@ -606,7 +643,8 @@ def save(
     path: the output directory (created if needed).
     params: params of the model ``hf_config`` describes.
     hf_config: the Hugging Face config dict (e.g. from :func:`load`).
-    shard_size: maximum bytes per shard; None writes one file.
+    shard_size: maximum bytes per shard (or a size such as ``"2GB"``); None
+      writes one file.
 
   Raises:
     ValueError: params that do not match the config's model (path, shape).
@@ -661,3 +699,22 @@ def _remove_weights(path: str, keep: tuple[str, ...]) -> None:
   for name in os.listdir(path):
     if _WEIGHTS.fullmatch(name) and name not in keep:
       os.remove(os.path.join(path, name))
+
+
+__all__ = [
+    "BERT",
+    "CLIP",
+    "GPT2",
+    "LLAMA",
+    "TABLES",
+    "Rule",
+    "architecture",
+    "config_from_hf",
+    "export_prefix",
+    "from_hf_tensors",
+    "iter_hf_tensors",
+    "load",
+    "param_shapes",
+    "save",
+    "to_hf_tensors",
+]
