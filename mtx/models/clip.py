@@ -433,8 +433,8 @@ def zero_shot_head(
 
   >>> import jax, jax.numpy as jnp
   >>> cfg = CONFIGS["tiny"]
-  >>> p = model(cfg).init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)),
-  ...                     jnp.zeros((1, 4), jnp.int32))
+  >>> text = text_encoder(cfg)  # only the text tower is needed here
+  >>> p = {"text": text.init(jax.random.key(0), jnp.zeros((1, 4), int))}
   >>> tok = lambda texts: np.array([[len(t) % 100, 127] for t in texts])
   >>> head = zero_shot_head(cfg, p, ["cat", "dog", "bird"],
   ...                       ["a {}.", "a photo of a {}."], tok)
@@ -443,7 +443,7 @@ def zero_shot_head(
 
   Args:
     config: the CLIP config.
-    params: CLIP params (uses ``params["text"]``).
+    params: CLIP params (only ``params["text"]`` is used).
     class_names: C class names.
     templates: prompt templates with one ``{}`` for the class name.
     tokenize: ``list[str] -> input_ids [N, L]`` or ``(input_ids,
