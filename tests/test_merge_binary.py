@@ -2,13 +2,11 @@
 in-memory ones; outputs, sweeps, formats; bad input fails cleanly."""
 
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 
-from absl import flags
 from absl.testing import flagsaver
 import jax
 import jax.numpy as jnp
@@ -16,6 +14,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+import binaries
 import mtx
 from mtx.io import safetensors as st
 from mtx.io import streaming
@@ -34,19 +33,9 @@ SHAPES = {
 }
 
 
-def _load_binary():
-  spec = importlib.util.spec_from_file_location("merge_binary", _BINARY)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
-@pytest.fixture(scope="module")
+@pytest.fixture
 def binary():
-  mod = _load_binary()
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-  return mod
+  return binaries.load("merge")
 
 
 def _models(root, t=3, dtype=np.float32, shapes=None, shard=None):

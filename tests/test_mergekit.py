@@ -8,8 +8,8 @@ mtx.io.mergekit, run by mtx.io.streaming and compared with them.
 
 import os
 
-from absl import flags
 from absl.testing import flagsaver
+import binaries
 import numpy as np
 import pytest
 
@@ -404,16 +404,7 @@ def test_load_resolves_paths_relative_to_the_config(models, tmp_path):
 
 
 def test_binary_with_a_mergekit_config(models, tmp_path):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-
-  spec = importlib.util.spec_from_file_location(
-      "merge_bin",
-      os.path.join(os.path.dirname(__file__), "..", "experiments", "merge.py"),
-  )
-  binary = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(binary)
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
+  binary = binaries.load("merge")
   cfg = tmp_path / "ties.yaml"
   cfg.write_text(
       "merge_method: ties\n"

@@ -661,13 +661,42 @@ def _on_host(x) -> bool:
   return _select.on_host(x)
 
 
+def _libc():
+  try:
+    import ctypes  # pylint: disable=g-import-not-at-top
+
+    return ctypes.CDLL("libc.so.6").malloc_trim
+  except (OSError, AttributeError):
+    return None
+
+
+_MALLOC_TRIM = _libc()
+
+
+def _trim() -> None:
+  """Returns freed heap memory to the OS (glibc keeps freed blocks of the
+  many per-thread arenas XLA's threads allocate from, which would otherwise
+  pile up to several tensors' worth of resident memory)."""
+  if _MALLOC_TRIM is not None:
+    _MALLOC_TRIM(0)
+
+
+def _aligned(x) -> bool:
+  """Whether jax can use a host array without copying it (64-byte aligned)."""
+  return not isinstance(x, np.ndarray) or x.ctypes.data % 64 == 0
+
+
 class _Loader:
   """``raw(i)`` for ``prepare_leaves``: leaf ``i`` of every model.
 
-  On the host, the memory-mapped arrays themselves (zero-copy), dropping
-  the previous leaf's pages from resident memory whenever another leaf is
-  asked for; on a mesh, the leaf loaded sharded (cached while the same leaf
-  is asked for again).
+  On the host, a 64-byte aligned memory-mapped tensor is passed as is (jax
+  reads the mapped pages without a copy; only the pages used are read);
+  others (safetensors only aligns the data to 8 bytes) are copied once into a
+  jax array, reused while the same leaf is asked for again, and their pages
+  dropped at once, so a leaf costs one copy however many kernels read it
+  (jax would copy an unaligned argument on every call). Whenever another
+  leaf is asked for, the previous one's copies and pages are released. On a
+  mesh, the leaf is loaded sharded (and cached alike).
   """
 
   def __init__(self, models: Sequence[Model], shardings):
@@ -681,21 +710,32 @@ class _Loader:
       for m in self.models:
         m.release(self._last)
     self._last, self._cache = None, None
+    _trim()
 
   def __call__(self, i: int):
     if self._last is not None and self._last != i:
       self.release()
-    if self.shardings is None:
-      self._last = i
-      return self.models[0].leaves[i], tuple(
-          m.leaves[i] for m in self.models[1:]
-      )
     if self._cache is None:
-      sh = self.shardings[i]
-      arrays = [_put(m.leaves[i], sh) for m in self.models]
+      if self.shardings is None:
+        arrays = [self._host(m, i) for m in self.models]
+      else:
+        sh = self.shardings[i]
+        arrays = []
+        for m in self.models:
+          arrays.append(_put(m.leaves[i], sh).block_until_ready())
+          m.release(i)
       self._cache = arrays[0], tuple(arrays[1:])
     self._last = i
     return self._cache
+
+  @staticmethod
+  def _host(m: Model, i: int):
+    x = m.leaves[i]
+    if _aligned(x):
+      return x
+    y = jax.device_put(x).block_until_ready()  # copied: the pages can go
+    m.release(i)
+    return y
 
 
 def _emit(pre, models, raw, leaf_fns, num_out, dtype, shardings, report, t0):
