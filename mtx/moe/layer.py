@@ -42,6 +42,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mtx import tree as mtree
 from mtx.moe import routing as _routing
@@ -291,22 +292,33 @@ def _check_options(options: Mapping[str, Any], extra=()) -> dict[str, Any]:
   return out
 
 
-def _tokens_GS(
-    ids: Any, name: str, token_shape: tuple[int, ...], g: int, s: int
+def _check_ids(
+    ids: Any, name: str, token_shape: tuple[int, ...]
 ) -> jax.Array | None:
+  """Validates per-token ids (integers broadcasting to the token shape)."""
   if ids is None:
     return None
   ids = jnp.asarray(ids)
   if not jnp.issubdtype(ids.dtype, jnp.integer):
     raise ValueError(f"{name} must be integers, got {ids.dtype}")
   try:
-    ids = jnp.broadcast_to(ids, token_shape)
+    if np.broadcast_shapes(ids.shape, token_shape) != token_shape:
+      raise ValueError
   except ValueError:
     raise ValueError(
         f"{name} of shape {ids.shape} does not broadcast to the token shape "
         f"{token_shape}"
     ) from None
-  return ids.reshape(g, s)
+  return ids
+
+
+def _ids_GS(ids, token_shape, g, plan=None):
+  """Per-token ids as ``[G, S]`` (traced); hash routing defaults to positions."""
+  if ids is None:
+    if plan is None or plan.router != "hash":
+      return None
+    return jnp.arange(math.prod(token_shape), dtype=jnp.int32).reshape(g, -1)
+  return jnp.broadcast_to(ids, token_shape).reshape(g, -1)
 
 
 class _Plan(NamedTuple):
@@ -657,6 +669,8 @@ def apply(
   if router not in ROUTERS:
     raise ValueError(f"unknown router {router!r}; known: {list(ROUTERS)}")
   if backend == "expert_parallel":
+    if options.get("mesh") is None:
+      raise ValueError("backend='expert_parallel' needs mesh=")
     from mtx.moe import sharded  # pylint: disable=g-import-not-at-top
 
     return sharded.apply(
@@ -688,22 +702,24 @@ def apply(
       capacity_factor=capacity_factor,
       opts=opts,
   )
-  task_ids = _tokens_GS(opts["task_ids"], "task_ids", token_shape, g, s)
-  token_ids = _tokens_GS(opts["token_ids"], "token_ids", token_shape, g, s)
-  if router == "hash" and token_ids is None:
-    token_ids = jnp.arange(n, dtype=jnp.int32).reshape(g, s)
+  task_ids = _check_ids(opts["task_ids"], "task_ids", token_shape)
+  token_ids = _check_ids(opts["token_ids"], "token_ids", token_shape)
   _check_inputs(router, opts, key, token_ids, task_ids, params)
   y, metrics = _apply_groups(
-      params, x.reshape(g, s, d), key, task_ids, token_ids, plan, backend
+      params, x, key, task_ids, token_ids, plan, backend, g
   )
   aux = dict(metrics)
   aux["capacity"] = plan.capacity
-  return y.reshape(x.shape), aux
+  return y, aux
 
 
-@functools.partial(jax.jit, static_argnums=(5, 6))
-def _apply_groups(params, x_GSD, key, task_ids, token_ids, plan, backend):
+@functools.partial(jax.jit, static_argnums=(5, 6, 7))
+def _apply_groups(params, x, key, task_ids, token_ids, plan, backend, g):
   """The traced part of :func:`apply` (one compiled program per plan)."""
+  token_shape = x.shape[:-1]
+  x_GSD = x.reshape(g, -1, x.shape[-1])
+  task_ids = _ids_GS(task_ids, token_shape, g)
+  token_ids = _ids_GS(token_ids, token_shape, g, plan)
   r = _route(
       params["router"],
       x_GSD,
@@ -716,4 +732,4 @@ def _apply_groups(params, x_GSD, key, task_ids, token_ids, plan, backend):
   y = _LOCAL_BACKENDS[backend](params["experts"], x_GSD, r, plan.capacity, act)
   if "shared" in params:
     y = y + _shared(params["shared"], x_GSD, act).astype(_acc())
-  return y.astype(x_GSD.dtype), r.metrics
+  return y.astype(x.dtype).reshape(x.shape), r.metrics

@@ -217,38 +217,40 @@ def router_logits(
   >>> router_logits(r, x, task_ids_GS=jnp.array([[0, 1]])).tolist()
   [[[1.0, 0.0], [-1.0, 0.0]]]
   """
-  kernel = jnp.asarray(router["kernel"])
-  x = jnp.asarray(x_GSD).astype(_acc())
-  d = x.shape[-1]
-  if kernel.shape[-2] != d:
+  kshape = jnp.shape(router["kernel"])
+  d = jnp.shape(x_GSD)[-1]
+  if len(kshape) not in (2, 3):
+    raise ValueError(f"router kernel must be [D, E] or [T, D, E], got {kshape}")
+  if kshape[-2] != d:
     raise ValueError(
-        f"router kernel {list(kernel.shape)} does not take inputs of width {d}"
+        f"router kernel {list(kshape)} does not take inputs of width {d}"
     )
-  per_task = kernel.ndim == 3
-  if (per_task or "task_embedding" in router) and task_ids_GS is None:
+  if (len(kshape) == 3 or "task_embedding" in router) and task_ids_GS is None:
     raise ValueError(
         "task-conditioned router (kernel [T, D, E] or task_embedding) needs "
         "task_ids"
     )
+  return _router_logits(dict(router), x_GSD, task_ids_GS)
+
+
+@jax.jit
+def _router_logits(router, x_GSD, task_ids_GS):
+  acc = _acc()
+  x = x_GSD.astype(acc)
+  kernel = router["kernel"].astype(acc)
   if "task_embedding" in router:
-    emb = jnp.asarray(router["task_embedding"]).astype(_acc())
-    x = x + emb[task_ids_GS]
-  kernel = kernel.astype(_acc())
-  if per_task:
+    x = x + router["task_embedding"].astype(acc)[task_ids_GS]
+  if kernel.ndim == 3:
     # One [G, S, T, X] product, then each token keeps its task's row: cheap
     # for the handful of tasks this is meant for.
     all_tasks = jnp.einsum("gsd,tdx->gstx", x, kernel)
     logits = jnp.take_along_axis(
         all_tasks, task_ids_GS[..., None, None], axis=2
     )[:, :, 0]
-  elif kernel.ndim == 2:
-    logits = jnp.einsum("gsd,dx->gsx", x, kernel)
   else:
-    raise ValueError(
-        f"router kernel must be [D, E] or [T, D, E], got {list(kernel.shape)}"
-    )
+    logits = jnp.einsum("gsd,dx->gsx", x, kernel)
   if "bias" in router:
-    logits = logits + jnp.asarray(router["bias"]).astype(_acc())
+    logits = logits + router["bias"].astype(acc)
   return logits
 
 
@@ -323,15 +325,22 @@ def _draw(
   return jax.vmap(lambda k: fn(k, shape[1:]))(key)
 
 
-def _entropy(probs: jax.Array, axis: int = -1) -> jax.Array:
-  return -jnp.sum(
-      jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1)), 0),
-      axis=axis,
-  )
+def _softmax(logits: jax.Array, axis: int = -1) -> tuple[jax.Array, jax.Array]:
+  """``(softmax(logits), logsumexp(logits))`` sharing one max and exp."""
+  m = jax.lax.stop_gradient(jnp.max(logits, axis=axis, keepdims=True))
+  ez = jnp.exp(logits - m)
+  total = jnp.sum(ez, axis=axis, keepdims=True)
+  return ez / total, m + jnp.log(total)
 
 
-def _z_loss(logits: jax.Array) -> jax.Array:
-  return jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
+def _entropy(probs, lse, logits, axis=-1):
+  """Entropy of ``softmax(logits)``: ``lse - Σ p · logits``."""
+  return jnp.squeeze(lse, axis) - jnp.sum(probs * logits, axis=axis)
+
+
+def _z_loss(lse: jax.Array) -> jax.Array:
+  """ST-MoE router z-loss: ``mean logsumexp(logits)²``."""
+  return jnp.mean(jnp.square(lse))
 
 
 def _assign_positions(
@@ -377,7 +386,8 @@ def _assign_positions(
 
 def _token_choice(
     *,
-    logits: jax.Array,
+    z_loss: jax.Array,
+    entropy: jax.Array,
     probs: jax.Array,
     expert_index: jax.Array,
     gates: jax.Array,
@@ -395,16 +405,13 @@ def _token_choice(
   f_GE = jax.lax.stop_gradient(routed_GE / n_routed_G[:, None])
   p_GE = probs.mean(axis=1)
   n_routed = jnp.maximum(routed_GE.sum(), 1.0)
-  kept_GE = (
-      jnp.zeros((g, e), _acc())
-      .at[jnp.arange(g)[:, None], expert_index.reshape(g, s * k)]
-      .add(kept.reshape(g, s * k).astype(_acc()))
-  )
+  # Slots are handed out contiguously, so min(routed, C) were kept.
   slots = s if capacity is None else capacity
+  kept_GE = jnp.minimum(routed_GE, slots)
   metrics = {
       "load_balance_loss": jnp.mean(e * jnp.sum(f_GE * p_GE, axis=-1)),
-      "router_z_loss": _z_loss(logits),
-      "router_entropy": jnp.mean(_entropy(probs)),
+      "router_z_loss": z_loss,
+      "router_entropy": entropy,
       "expert_load": routed_GE.sum(0) / n_routed,
       "expert_fill": kept_GE.sum(0) / (g * slots),
       "drop_fraction": 1.0 - kept_GE.sum() / n_routed,
@@ -513,10 +520,12 @@ def top_k_routing(
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7))
 def _top_k(clean, key, k, capacity, normalize, batch_priority, policy, noise):
   logits = clean
+  probs, lse = _softmax(logits)
+  z_loss = _z_loss(lse)
   if noise > 0:
     key, sub = _split(key)
     logits = logits + noise * _draw(jax.random.normal, sub, logits.shape)
-  probs = jax.nn.softmax(logits, axis=-1)
+    probs, lse = _softmax(logits)
   gates, index = jax.lax.top_k(probs, k)
   if normalize:
     gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
@@ -527,7 +536,8 @@ def _top_k(clean, key, k, capacity, normalize, batch_priority, policy, noise):
     active = active.at[..., 1].set(use_second)
   priority = jax.lax.stop_gradient(probs.max(-1)) if batch_priority else None
   return _token_choice(
-      logits=clean,
+      z_loss=z_loss,
+      entropy=jnp.mean(_entropy(probs, lse, logits)),
       probs=probs,
       expert_index=index,
       gates=gates,
@@ -591,7 +601,7 @@ def expert_choice_routing(
 @functools.partial(jax.jit, static_argnums=1)
 def _expert_choice(logits, c):
   g, s, e = logits.shape
-  probs = jax.nn.softmax(logits, axis=-1)
+  probs, lse = _softmax(logits)
   weight, token_index = jax.lax.top_k(jnp.swapaxes(probs, 1, 2), c)
   chosen_GS = (
       jnp.zeros((g, s), _acc())
@@ -600,8 +610,8 @@ def _expert_choice(logits, c):
   )
   metrics = {
       "load_balance_loss": jnp.asarray(1.0, _acc()),
-      "router_z_loss": _z_loss(logits),
-      "router_entropy": jnp.mean(_entropy(probs)),
+      "router_z_loss": _z_loss(lse),
+      "router_entropy": jnp.mean(_entropy(probs, lse, logits)),
       "expert_load": jnp.full((e,), 1.0 / e, _acc()),
       "expert_fill": jnp.ones((e,), _acc()),
       "drop_fraction": jnp.mean((chosen_GS == 0).astype(_acc())),
@@ -657,12 +667,12 @@ def _soft(logits, num_experts):
   g, s, x = logits.shape
   c = x // num_experts
   dispatch = jax.nn.softmax(logits, axis=1).reshape(g, s, num_experts, c)
-  combine_flat = jax.nn.softmax(logits, axis=2)
+  combine_flat, lse = _softmax(logits, axis=2)
   combine = combine_flat.reshape(g, s, num_experts, c)
   metrics = {
       "load_balance_loss": jnp.asarray(1.0, _acc()),
-      "router_z_loss": _z_loss(logits),
-      "router_entropy": jnp.mean(_entropy(combine_flat)),
+      "router_z_loss": _z_loss(lse),
+      "router_entropy": jnp.mean(_entropy(combine_flat, lse, logits)),
       "expert_load": combine.sum(-1).mean((0, 1)),
       "expert_fill": jnp.ones((num_experts,), _acc()),
       "drop_fraction": jnp.asarray(0.0, _acc()),
@@ -727,9 +737,11 @@ def _hash(logits, ids, k, capacity):
   e = logits.shape[-1]
   base = (_hash32(ids) % jnp.uint32(e)).astype(jnp.int32)
   index = (base[..., None] + jnp.arange(k, dtype=jnp.int32)) % e
+  probs, lse = _softmax(logits)
   return _token_choice(
-      logits=logits,
-      probs=jax.nn.softmax(logits, axis=-1),
+      z_loss=_z_loss(lse),
+      entropy=jnp.mean(_entropy(probs, lse, logits)),
+      probs=probs,
       expert_index=index,
       gates=jnp.full(index.shape, 1.0 / k, _acc()),
       active=jnp.ones(index.shape, bool),
@@ -777,9 +789,11 @@ def random_routing(
 def _random(logits, key, k, capacity):
   u = _draw(jax.random.uniform, key, logits.shape)
   _, index = jax.lax.top_k(u, k)
+  probs, lse = _softmax(logits)
   return _token_choice(
-      logits=logits,
-      probs=jax.nn.softmax(logits, axis=-1),
+      z_loss=_z_loss(lse),
+      entropy=jnp.mean(_entropy(probs, lse, logits)),
+      probs=probs,
       expert_index=index,
       gates=jnp.full(index.shape, 1.0 / k, _acc()),
       active=jnp.ones(index.shape, bool),

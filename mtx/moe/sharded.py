@@ -192,12 +192,8 @@ def apply(
       capacity_factor=capacity_factor,
       opts=opts,
   )
-  task_ids = _layer._tokens_GS(opts["task_ids"], "task_ids", token_shape, g, s)
-  token_ids = _layer._tokens_GS(
-      opts["token_ids"], "token_ids", token_shape, g, s
-  )
-  if router == "hash" and token_ids is None:
-    token_ids = jnp.arange(n, dtype=jnp.int32).reshape(g, s)
+  task_ids = _layer._check_ids(opts["task_ids"], "task_ids", token_shape)
+  token_ids = _layer._check_ids(opts["token_ids"], "token_ids", token_shape)
   _layer._check_inputs(router, opts, key, token_ids, task_ids, params)
   y, metrics = _apply_sharded(
       params,
@@ -253,6 +249,8 @@ def _apply_sharded(
     metrics = jax.tree.map(lambda m: jax.lax.pmean(m, tokens), r.metrics)
     return y.astype(x_GSD.dtype), metrics
 
+  task_ids = _layer._ids_GS(task_ids, x.shape[:-1], g)
+  token_ids = _layer._ids_GS(token_ids, x.shape[:-1], g, plan)
   specs = param_specs(params, expert_axis=expert_axis)
   tok = P(tokens)
   none = P()

@@ -30,6 +30,8 @@ True
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -101,27 +103,32 @@ def upcycle(
     )
   if (noise_std > 0 or router_std > 0) and key is None:
     raise ValueError("noise_std / router_std > 0 need an explicit key")
+  return _upcycle(wi, wo, key, noise_std, router_std, num_experts)
+
+
+@functools.partial(jax.jit, static_argnums=5)
+def _upcycle(wi, wo, key, noise_std, router_std, e):
+  # With a key, noise and router are always drawn (scaled by the traced
+  # stds, so a zero std gives exact copies / a zero router).
   d = wi.shape[0]
   experts = {
-      "wi": jnp.broadcast_to(wi, (num_experts, *wi.shape)),
-      "wo": jnp.broadcast_to(wo, (num_experts, *wo.shape)),
+      "wi": jnp.broadcast_to(wi, (e, *wi.shape)),
+      "wo": jnp.broadcast_to(wo, (e, *wo.shape)),
   }
-  kernel = jnp.zeros((d, num_experts), jnp.float32)
-  if key is not None:
-    k_noise, k_router = jax.random.split(key)
-    if noise_std > 0:
-      experts = _add_noise(experts, k_noise, noise_std)
-    if router_std > 0:
-      kernel = (
-          router_std * _layer._normals_jit(k_router, ((d, num_experts),))[0]
-      )
-  experts = jax.tree.map(jnp.array, experts)  # materialise the copies
+  if key is None:
+    return {
+        "router": {"kernel": jnp.zeros((d, e), _layer._acc())},
+        "experts": experts,
+    }
+  k_noise, k_router = jax.random.split(key)
+  experts = _add_noise(experts, k_noise, noise_std)
+  kernel = router_std * _layer._normals(k_router, ((d, e),))[0]
   return {"router": {"kernel": kernel}, "experts": experts}
 
 
 def _add_noise(experts, key, std):
   names = sorted(experts)
-  z = _layer._normals_jit(key, tuple(tuple(experts[n].shape) for n in names))
+  z = _layer._normals(key, tuple(tuple(experts[n].shape) for n in names))
   return {
       n: (experts[n].astype(jnp.float32) + std * zn).astype(experts[n].dtype)
       for n, zn in zip(names, z)
@@ -202,30 +209,19 @@ def from_models(
   res = _per_expert(residual_scale, e, "residual_scale")
   if (gate_mode != "hidden" or any(n > 0 for n in noise)) and key is None:
     raise ValueError(f"gate_mode={gate_mode!r} / noise need an explicit key")
-  k_gate, k_noise = jax.random.split(key) if key is not None else (None, None)
-  wis, wos = [], []
-  for t, (wi, wo) in enumerate(pairs):
-    if noise[t] > 0:
-      kt = jax.random.fold_in(k_noise, t)
-      ex = _add_noise({"wi": wi, "wo": wo}, kt, noise[t])
-      wi, wo = ex["wi"], ex["wo"]
-    if res[t] is not None:
-      wo = (wo.astype(jnp.float32) * res[t]).astype(wo.dtype)
-    wis.append(wi)
-    wos.append(wo)
+  pos = neg = None
   if gate_mode == "hidden":
-    kernel = _hidden_gates(hidden_states, negative_hidden_states, e, d)
-  elif gate_mode == "random":
-    kernel = _layer._normals_jit(k_gate, ((d, e),))[0]
-  else:
-    bound = 1.0 / jnp.sqrt(d)
-    kernel = jax.random.uniform(
-        k_gate, (d, e), jnp.float32, minval=-bound, maxval=bound
-    )
-  params: dict[str, Any] = {
-      "router": {"kernel": kernel},
-      "experts": {"wi": jnp.stack(wis), "wo": jnp.stack(wos)},
-  }
+    pos, neg = _check_hidden(hidden_states, negative_hidden_states, e, d)
+  params = _from_models(
+      [wi for wi, _ in pairs],
+      [wo for _, wo in pairs],
+      key,
+      pos,
+      neg,
+      gate_mode,
+      tuple(float(n) for n in noise),
+      tuple(None if r is None else float(r) for r in res),
+  )
   if shared:
     sp = [_check_mlp(m, f"shared[{i}]") for i, m in enumerate(shared)]
     for i, (wi, _) in enumerate(sp):
@@ -236,6 +232,44 @@ def from_models(
         "wo": jnp.stack([p[1] for p in sp]),
     }
   return params
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6, 7))
+def _from_models(wis, wos, key, pos, neg, gate_mode, noise, res):
+  e = len(wis)
+  d = wis[0].shape[0]
+  k_gate, k_noise = jax.random.split(key) if key is not None else (None, None)
+  out_wi, out_wo = [], []
+  for t, (wi, wo) in enumerate(zip(wis, wos)):
+    if noise[t] > 0:
+      ex = _add_noise(
+          {"wi": wi, "wo": wo}, jax.random.fold_in(k_noise, t), noise[t]
+      )
+      wi, wo = ex["wi"], ex["wo"]
+    if res[t] is not None:
+      wo = (wo.astype(jnp.float32) * res[t]).astype(wo.dtype)
+    out_wi.append(wi)
+    out_wo.append(wo)
+  acc = _layer._acc()
+  if gate_mode == "hidden":
+    cols = []
+    for t in range(e):
+      u = pos[t].astype(acc).reshape(-1, d).mean(0)
+      if neg[t] is not None:
+        u = u - neg[t].astype(acc).reshape(-1, d).mean(0)
+      cols.append(u / jnp.maximum(jnp.linalg.norm(u), 1e-8))
+    kernel = jnp.stack(cols, axis=1)
+  elif gate_mode == "random":
+    kernel = _layer._normals(k_gate, ((d, e),))[0].astype(acc)
+  else:
+    bound = 1.0 / math.sqrt(d)
+    kernel = jax.random.uniform(
+        k_gate, (d, e), acc, minval=-bound, maxval=bound
+    )
+  return {
+      "router": {"kernel": kernel},
+      "experts": {"wi": jnp.stack(out_wi), "wo": jnp.stack(out_wo)},
+  }
 
 
 def _per_expert(v: Any, e: int, name: str) -> list[Any]:
@@ -251,35 +285,36 @@ def _per_expert(v: Any, e: int, name: str) -> list[Any]:
   return vals
 
 
-def _hidden_gates(pos, neg, e, d):
+def _check_hidden(pos, neg, e, d):
+  """Validates the prompt activations; returns them as lists of arrays."""
   if pos is None or len(pos) != e:
     n = None if pos is None else len(pos)
     raise ValueError(
         f"gate_mode='hidden' needs hidden_states for each of the {e} "
         f"experts, got {n}"
     )
-  if neg is not None and len(neg) != e:
+  if neg is None:
+    neg = [None] * e
+  elif len(neg) != e:
     raise ValueError(
         f"negative_hidden_states has {len(neg)} entries for {e} experts"
     )
-  cols = []
-  for t in range(e):
-    h = jnp.asarray(pos[t], jnp.float32)
-    if h.ndim < 1 or h.shape[-1] != d or h.size == 0:
-      raise ValueError(
-          f"hidden_states[{t}] must be a non-empty [..., {d}], got {h.shape}"
-      )
-    u = h.reshape(-1, d).mean(0)
-    if neg is not None and neg[t] is not None:
-      hn = jnp.asarray(neg[t], jnp.float32)
-      if hn.ndim < 1 or hn.shape[-1] != d or hn.size == 0:
+  out_pos, out_neg = [], []
+  for name, src, dst in (
+      ("hidden_states", pos, out_pos),
+      ("negative_hidden_states", neg, out_neg),
+  ):
+    for t, h in enumerate(src):
+      if h is None and dst is out_neg:
+        dst.append(None)
+        continue
+      shape = jnp.shape(h)
+      if len(shape) < 1 or shape[-1] != d or math.prod(shape) == 0:
         raise ValueError(
-            f"negative_hidden_states[{t}] must be a non-empty [..., {d}], "
-            f"got {hn.shape}"
+            f"{name}[{t}] must be a non-empty [..., {d}], got {shape}"
         )
-      u = u - hn.reshape(-1, d).mean(0)
-    cols.append(u / jnp.maximum(jnp.linalg.norm(u), 1e-8))
-  return jnp.stack(cols, axis=1)
+      dst.append(jnp.asarray(h))
+  return out_pos, out_neg
 
 
 def prune(
@@ -321,6 +356,12 @@ def prune(
     raise ValueError(f"num_keep must be an int, got {num_keep!r}")
   if not 1 <= num_keep <= e:
     raise ValueError(f"num_keep must be in [1, {e}], got {num_keep}")
+  return _prune(dict(params), load, num_keep)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _prune(params, load, num_keep):
+  e = load.shape[0]
   _, top = jax.lax.top_k(load.astype(jnp.float32), num_keep)
   kept = jnp.sort(top).astype(jnp.int32)
 
