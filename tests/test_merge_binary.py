@@ -88,26 +88,45 @@ def _leftovers(folder):
 # -- streaming == in memory ---------------------------------------------------
 
 
+_CASES = [  # (method, hparams, scale, read in row ranges too)
+    ("task_arithmetic", {}, 0.3, True),
+    ("ties", {"density": 0.3}, 0.7, True),
+    (
+        "ties",
+        {"density": 0.4, "scope": "per_leaf", "weights": [1, 2, 3]},
+        1.0,
+        True,
+    ),
+    (
+        "ties",
+        {"density": [0.2, 0.5, 1.0], "zero_sign": "positive", "reduce": "sum"},
+        0.5,
+        True,
+    ),
+    ("weighted_average", {"weights": [1.0, 2.0, 0.5]}, 1.0, True),
+    ("dare", {"drop_rate": 0.5}, 0.5, False),
+    ("breadcrumbs", {"density": 0.5, "top_remove": 0.1}, 1.0, False),
+    (
+        "breadcrumbs",
+        {"density": 0.5, "top_remove": 0.1, "axis": None},
+        1.0,
+        True,
+    ),
+    ("model_stock", {}, 1.0, False),
+    ("compeft", {"density": 0.2}, 1.0, True),
+    ("tsvm", {}, 1.0, False),
+]
+
+
 @pytest.mark.parametrize(
-    "method,hparams,scale",
-    [
-        ("task_arithmetic", {}, 0.3),
-        ("ties", {"density": 0.3}, 0.7),
-        (
-            "ties",
-            {"density": 0.4, "scope": "per_leaf", "weights": [1, 2, 3]},
-            1.0,
-        ),
-        ("dare", {"drop_rate": 0.5}, 0.5),
-        ("breadcrumbs", {"density": 0.5, "top_remove": 0.1}, 1.0),
-        ("model_stock", {}, 1.0),
-        ("compeft", {"density": 0.2}, 1.0),
-        ("tsvm", {}, 1.0),
-    ],
+    "method,hparams,scale,part_entries",
+    [c[:3] + (None,) for c in _CASES] + [c[:3] + (64,) for c in _CASES if c[3]],
 )
 def test_streamed_merge_is_bitwise_the_in_memory_merge(
-    tmp_path, method, hparams, scale
+    tmp_path, monkeypatch, method, hparams, scale, part_entries
 ):
+  if part_entries:  # large leaves read (and merged) in row ranges
+    monkeypatch.setattr(streaming, "PART_ENTRIES", part_entries)
   pre, fts = _models(tmp_path, shard=3000)
   key = jax.random.key(3)
   want = _in_memory(

@@ -2,6 +2,8 @@
 merges of models larger than memory."""
 
 from mtx.io import hf
+from mtx.io import mergekit
 from mtx.io import safetensors
+from mtx.io import streaming
 
-__all__ = ["hf", "safetensors"]
+__all__ = ["hf", "mergekit", "safetensors", "streaming"]

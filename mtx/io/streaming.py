@@ -5,7 +5,13 @@ checkpoints are restored) and merged one tensor at a time with the very
 kernels of :func:`mtx.merging.merge` (through
 :func:`mtx.merging._core.prepare_leaves`), so the output equals the in-memory
 merge bit for bit while memory holds a few tensors times ``T`` rather than
-``T + 1`` models:
+``T + 1`` models. Tensors larger than ``2 ×`` :data:`PART_ENTRIES` entries
+are read in row ranges wherever the result cannot depend on it (top-k
+statistics; the merge itself for elementwise methods such as task
+arithmetic and TIES), so for those methods memory holds one such part of
+each model plus one output tensor, however large the embeddings; other
+methods (Model Stock, SLERP, TSV-M, DARE, ...) hold whole tensors of the
+``T + 1`` models, about ``(T + 2) ×`` the largest tensor:
 
 1. checks: the fine-tuned models have the pretrained model's tensor names,
    shapes and dtypes; the selected tensors are floating and finite (one
@@ -632,6 +638,12 @@ def merge_tensors(
   host = mesh is None and all(
       _on_host(m.leaves[i]) for m in models for i in merged_idx
   )
+  parts = {}
+  if host and all(m.format == "safetensors" for m in models):
+    for i in merged_idx:
+      p = row_parts(np.shape(pre.leaves[i]))
+      if p is not None:
+        parts[i] = p
   leaf_fns = {}
   for g, (spec, merger, idx) in enumerate(zip(specs, mergers, groups)):
     gkey = key if (key is None or g == 0) else jax.random.fold_in(key, g)
@@ -644,6 +656,8 @@ def merge_tensors(
         host=host,
         scales=[spec.scale(s) for s in range(num_out)],
         key=gkey,
+        parts=parts,
+        rows=raw.rows,
         **spec.kwargs(),
     )
     for i in idx:
@@ -653,6 +667,29 @@ def merge_tensors(
   return _emit(
       pre, models, raw, leaf_fns, num_out, dtype, shardings, report, t0
   )
+
+
+# Leaves larger than twice this many entries are read in row ranges of about
+# this many entries where the result cannot depend on it (see
+# mtx.merging._core.prepare_leaves).
+PART_ENTRIES = 1 << 22
+
+
+def row_parts(shape: Sequence[int]) -> list[tuple[int, int]] | None:
+  """Row ranges of the leading axis of about :data:`PART_ENTRIES` entries,
+  or None for a leaf small enough to read whole.
+
+  >>> row_parts((10, 1 << 21))
+  [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
+  """
+  n = int(np.prod(shape, dtype=np.int64))
+  if len(shape) == 0 or n <= 2 * PART_ENTRIES:
+    return None
+  per_row = n // shape[0]
+  step = max(1, PART_ENTRIES // max(per_row, 1))
+  if step >= shape[0]:
+    return None
+  return [(a, min(a + step, shape[0])) for a in range(0, shape[0], step)]
 
 
 def _on_host(x) -> bool:
@@ -708,16 +745,23 @@ class _Loader:
   def release(self) -> None:
     if self._last is not None:
       for m in self.models:
-        m.release(self._last)
+        m.release(self._last[0])
     self._last, self._cache = None, None
     _trim()
 
   def __call__(self, i: int):
-    if self._last is not None and self._last != i:
+    return self._get(i, None)
+
+  def rows(self, i: int, start: int, stop: int):
+    """Rows ``[start, stop)`` of leaf ``i`` (host only)."""
+    return self._get(i, (start, stop))
+
+  def _get(self, i: int, part):
+    if self._last is not None and self._last != (i, part):
       self.release()
     if self._cache is None:
       if self.shardings is None:
-        arrays = [self._host(m, i) for m in self.models]
+        arrays = [self._host(m, i, part) for m in self.models]
       else:
         sh = self.shardings[i]
         arrays = []
@@ -725,12 +769,12 @@ class _Loader:
           arrays.append(_put(m.leaves[i], sh).block_until_ready())
           m.release(i)
       self._cache = arrays[0], tuple(arrays[1:])
-    self._last = i
+    self._last = (i, part)
     return self._cache
 
   @staticmethod
-  def _host(m: Model, i: int):
-    x = m.leaves[i]
+  def _host(m: Model, i: int, part):
+    x = m.leaves[i] if part is None else m.leaves[i][part[0] : part[1]]
     if _aligned(x):
       return x
     y = jax.device_put(x).block_until_ready()  # copied: the pages can go
@@ -976,5 +1020,6 @@ __all__ = [
     "parse_mesh",
     "parse_shard_rule",
     "parse_spec",
+    "row_parts",
     "shardings_for",
 ]

@@ -220,6 +220,13 @@ class Source:
   leaf's task vectors computed on demand inside the kernel that needs them,
   never all at once) or from an already stacked task-vector tree. An optional
   :class:`Transform` (e.g. DARE's random drop) applies to everything read.
+
+  A source may also read large leaves in parts (``parts[i]``: row ranges of
+  the leading axis, ``rows(i, start, stop)`` their raw inputs, as streamed
+  checkpoints do). Statistics whose value cannot depend on how a leaf is cut
+  (top-k selection of the task vectors' entries, sums of sign counts) then
+  read one part at a time, so memory holds a part of each model instead of
+  the whole leaf; everything else reads whole leaves.
   """
 
   def __init__(
@@ -230,6 +237,9 @@ class Source:
       raw: Callable[[int], tuple[Any, Any]],
       host: bool,
       transform: Transform | None = None,
+      *,
+      parts: Sequence[Sequence[tuple[int, int]] | None] | None = None,
+      rows: Callable[[int, int, int], tuple[Any, Any]] | None = None,
   ):
     self.paths = list(paths)
     self.shapes = [tuple(s) for s in shapes]
@@ -237,6 +247,8 @@ class Source:
     self.raw = raw  # i -> (pre leaf or None, tuple of T leaves | [T, ...])
     self.host = host
     self.transform = transform
+    self.parts = parts if rows is not None else None
+    self.rows = rows
     self._buf = None  # reused by _stream
 
   def __len__(self) -> int:
@@ -246,9 +258,21 @@ class Source:
   def sizes(self) -> list[int]:
     return [int(np.prod(s)) for s in self.shapes]
 
-  def _args(self, i: int) -> tuple[Any, ...]:
+  def _parts(self, i: int) -> list[tuple[int, int] | None]:
+    """Leaf ``i``'s row ranges, or ``[None]`` (the whole leaf)."""
+    if self.parts is None or self.transform is not None or not self.host:
+      return [None]
+    return list(self.parts[i] or [None])
+
+  def _part_size(self, i: int, part) -> int:
+    if part is None:
+      return self.sizes[i]
+    shape = self.shapes[i]
+    return (part[1] - part[0]) * int(np.prod(shape[1:]))
+
+  def _args(self, i: int, part=None) -> tuple[Any, ...]:
     """Leaf ``i``'s kernel arguments: ``(pre, fts, tfn, tstatic, key, data)``."""
-    pre, fts = self.raw(i)
+    pre, fts = self.raw(i) if part is None else self.rows(i, *part)
     t = self.transform
     if t is None:
       return pre, fts, None, None, None, None
@@ -262,25 +286,33 @@ class Source:
     ``fn`` and ``fstatic`` must be hashable (module-level functions and
     tuples), so that repeated calls reuse one compiled kernel per shape.
     """
-    pre, fts, tfn, tstatic, key, data = self._args(i)
+    return self._run(fn, fstatic, i, None, *extra)
+
+  def _run(self, fn, fstatic, i: int, part, *extra) -> Any:
+    pre, fts, tfn, tstatic, key, data = self._args(i, part)
     return _on_leaf(fn, fstatic, tfn, tstatic, pre, fts, key, data, extra)
 
-  def _stream(self, i: int, static: Any, extra: tuple) -> np.ndarray:
+  def _stream(self, i: int, static: Any, extra: tuple, part=None) -> np.ndarray:
     """One task's values of leaf ``i`` as a numpy view of a reused buffer.
 
     The buffer is donated back to the next call, so nothing is page-faulted
     afresh per leaf; the view is valid until then (callers copy what they
     keep).
     """
-    pre, fts, tfn, tstatic, key, data = self._args(i)
+    pre, fts, tfn, tstatic, key, data = self._args(i, part)
     dt = acc_dtype()
     if self._buf is None or self._buf.dtype != dt:
-      self._buf = jnp.zeros((max(self.sizes),), dt)
+      biggest = max(
+          self._part_size(j, q)
+          for j in range(len(self))
+          for q in self._parts(j)
+      )
+      self._buf = jnp.zeros((biggest,), dt)
     buf, self._buf = self._buf, None
     self._buf = _into(
         _values_of, static, tfn, tstatic, buf, pre, fts, key, data, extra
     )
-    return np.asarray(self._buf)[: self.sizes[i]]
+    return np.asarray(self._buf)[: self._part_size(i, part)]
 
   def task_values(self, i: int) -> Sequence[jax.Array]:
     """Leaf ``i``'s task vectors; a large leaf is computed one task at a
@@ -291,38 +323,72 @@ class Source:
     if self.transform is not None:
       raise ValueError("a Source takes one transform")
     return Source(
-        self.paths, self.shapes, self.num_tasks, self.raw, self.host, transform
+        self.paths,
+        self.shapes,
+        self.num_tasks,
+        self.raw,
+        self.host,
+        transform,
+        parts=self.parts,
+        rows=self.rows,
     )
 
-  def _values(self, i: int, absolute: bool, fn=None, fstatic=None, extra=()):
+  def _values(
+      self, i: int, absolute: bool, fn=None, fstatic=None, extra=(), part=None
+  ):
     if fn is None:
       fn = _identity
-    if self.sizes[i] < _LAZY_ENTRIES:
-      return self.run(
-          _values_of, (fn, fstatic, absolute, None, None), i, *extra
+    if self._part_size(i, part) < _LAZY_ENTRIES:
+      return self._run(
+          _values_of, (fn, fstatic, absolute, None, None), i, part, *extra
       )
     # A large leaf: one task at a time, so only one task's values are alive.
     return _LazyTasks(
         self.num_tasks,
-        lambda j: self.run(
-            _values_of, (fn, fstatic, absolute, None, j), i, *extra
+        lambda j: self._run(
+            _values_of, (fn, fstatic, absolute, None, j), i, part, *extra
         )[0],
     )
 
-  def _streamed(self, i: int, absolute: bool, fn=None, fstatic=None, extra=()):
+  def _streamed(
+      self, i: int, absolute: bool, fn=None, fstatic=None, extra=(), part=None
+  ):
     """Like ``_values`` but each task's array is a view of a reused buffer."""
     if fn is None:
       fn = _identity
     return _LazyTasks(
         self.num_tasks,
-        lambda j: self._stream(i, (fn, fstatic, absolute, None, j), extra),
+        lambda j: self._stream(
+            i, (fn, fstatic, absolute, None, j), extra, part
+        ),
     )
 
-  def _sample(self, i, stride, absolute, fn=None, fstatic=None, extra=()):
+  def _sample(
+      self, i, stride, absolute, fn=None, fstatic=None, extra=(), part=None
+  ):
     if fn is None:
       fn = _identity
-    return self.run(
-        _values_of, (fn, fstatic, absolute, stride, None), i, *extra
+    return self._run(
+        _values_of, (fn, fstatic, absolute, stride, None), i, part, *extra
+    )
+
+  def _select(self, units, k, absolute, fn, fstatic, extra):
+    """Per-task k-th largest over ``units``: ``(leaf, part)`` pairs, each
+    read as a "leaf" of the selection (its result does not depend on how
+    the entries are grouped)."""
+    return _select.global_kth_largest(
+        lambda u: self._values(
+            units[u][0], absolute, fn, fstatic, extra, units[u][1]
+        ),
+        [self._part_size(*u) for u in units],
+        np.asarray(k),
+        self.host,
+        sample=lambda u, stride: self._sample(
+            units[u][0], stride, absolute, fn, fstatic, extra, units[u][1]
+        ),
+        stream=lambda u: self._streamed(
+            units[u][0], absolute, fn, fstatic, extra, units[u][1]
+        ),
     )
 
   def global_kth_largest(
@@ -333,27 +399,17 @@ class Source:
     With ``fn``, selects among ``fn(fstatic, tv, *extra)`` instead of ``tv``.
     ``k`` is ``[T]`` or ``[T, R]`` (several ranks in the same passes).
     """
-    return _select.global_kth_largest(
-        lambda i: self._values(i, absolute, fn, fstatic, extra),
-        self.sizes,
-        np.asarray(k),
-        self.host,
-        sample=lambda i, stride: self._sample(
-            i, stride, absolute, fn, fstatic, extra
-        ),
-        stream=lambda i: self._streamed(i, absolute, fn, fstatic, extra),
-    )
+    units = [
+        (i, q)
+        for i in range(len(self))
+        for q in (self._parts(i) if fn is None else [None])
+    ]
+    return self._select(units, k, absolute, fn, fstatic, extra)
 
   def leaf_kth_largest(self, i: int, k, absolute: bool = True):
     """Per-task k-th largest ``|τ|`` (or ``τ``) within leaf ``i``."""
-    return _select.global_kth_largest(
-        lambda _: self._values(i, absolute),
-        [self.sizes[i]],
-        np.asarray(k),
-        self.host,
-        sample=lambda _, stride: self._sample(i, stride, absolute),
-        stream=lambda _: self._streamed(i, absolute),
-    )
+    units = [(i, q) for q in self._parts(i)]
+    return self._select(units, k, absolute, None, None, ())
 
   def sum_of(
       self, fn: Callable[..., jax.Array], fstatic: Any, i: int, *extra
@@ -363,12 +419,16 @@ class Source:
     On host arrays the values go through the reused buffer of ``_stream``
     and numpy sums them (no fresh memory per leaf, and numpy's reductions are
     ~10x faster than XLA's fused ones on CPU); sharded arrays are reduced by
-    XLA, without a gather.
+    XLA, without a gather. A leaf read in parts is summed part by part (in
+    another order, so a sum of non-integers may differ in its last bits).
     """
     if not self.host:
       return float(jnp.sum(self.run(fn, fstatic, i, *extra), dtype=acc_dtype()))
-    view = self._stream(i, (_one, (fn, fstatic), False, None, None), extra)
-    return float(np.sum(view, dtype=np.float64))
+    total = 0.0
+    for q in self._parts(i):
+      view = self._stream(i, (_one, (fn, fstatic), False, None, None), extra, q)
+      total += float(np.sum(view, dtype=np.float64))
+    return total
 
   def total(self, x: jax.Array) -> float:
     """``float(sum(x))`` of an array a kernel returned.
@@ -440,6 +500,10 @@ class Merger:
     per_task_scale: ``scale`` may be a ``[T]`` vector (per-task weights).
     min_tasks: the fewest task vectors the method accepts.
     max_tasks: the most it accepts (None: no limit).
+    elementwise: ``leaf_fn`` computes each entry from the same entries of
+      its inputs and from per-leaf values that do not depend on the position
+      (no reductions, no randomness), so a leaf may be merged in row ranges
+      with the same result (streamed merges of large leaves do).
   """
 
   name: str
@@ -453,6 +517,7 @@ class Merger:
   per_task_scale: bool = False
   min_tasks: int = 1
   max_tasks: int | None = None
+  elementwise: bool = False
 
   def _identity(self):
     return (self.name, self.static, self.leaf_fn, self.prepare_fn)
@@ -683,6 +748,8 @@ def prepare_leaves(
     host: bool,
     scales: Sequence[Any] = (1.0,),
     key: jax.Array | None = None,
+    parts: Mapping[int, Sequence[tuple[int, int]]] | None = None,
+    rows: Callable[[int, int, int], tuple[Any, Sequence[Any]]] | None = None,
     **coeffs: Any,
 ) -> Callable[..., jax.Array]:
   """The leaf-by-leaf core of :func:`merge_models`, for streaming merges.
@@ -711,6 +778,13 @@ def prepare_leaves(
     scales: the scales the merged leaves will be asked for (each as
       ``merge``'s ``scale``, validated here before any work).
     key: PRNG key for random methods.
+    parts: optional row ranges ``{i: [(start, stop), ...]}`` of the leading
+      axis of large host leaves, read with ``rows``: statistics that do not
+      depend on how a leaf is cut read them part by part (see
+      :class:`Source`), and :attr:`Merger.elementwise` methods merge them
+      part by part into one numpy array, so memory holds a part of each
+      model rather than the whole leaf. The result is the same.
+    rows: ``rows(i, start, stop)`` -> ``raw(i)`` restricted to those rows.
     **coeffs: overrides of the method's continuous coefficients.
 
   Returns:
@@ -735,19 +809,21 @@ def prepare_leaves(
             f"{name} names leaf {unknown[0]!r}, which is not a merged leaf"
         )
   position = {i: j for j, i in enumerate(selected)}
+  parts = dict(parts or {}) if rows is not None and host else {}
   src = Source(
       data_paths,
       [np.shape(like_leaves[i]) for i in selected],
       num_tasks,
       lambda j: raw(selected[j]),
       host,
+      parts=[parts.get(i) for i in selected],
+      rows=None if not parts else (lambda j, a, b: rows(selected[j], a, b)),
   )
   stats = merger._prepare(src, key)
   del src  # frees the selection buffer before the outputs are allocated
 
   def merged(i: int, s: int = 0) -> jax.Array:
     j = position[i]
-    pre, fts = raw(i)
     ctx = Ctx(
         glob=stats.glob,
         stats=None if stats.leaf is None else stats.leaf[j],
@@ -758,6 +834,17 @@ def prepare_leaves(
         data=merger._leaf_data(paths[i]),
         path=None,  # static strings stay out of the jitted kernel
     )
+    if merger.elementwise and parts.get(i):
+      out = np.empty(np.shape(like_leaves[i]), mtree.dtype_of(like_leaves[i]))
+      for a, b in parts[i]:
+        pre, fts = rows(i, a, b)
+        out[a:b] = np.asarray(
+            _merge_leaf(
+                merger.leaf_fn, merger.static, None, pre, tuple(fts), ctx
+            )
+        )
+      return out
+    pre, fts = raw(i)
     return _merge_leaf(
         merger.leaf_fn,
         merger.static,

@@ -32,7 +32,7 @@ def average() -> _core.Merger:
   >>> mtx.merging.merge(pre, fts, "average")["w"].tolist()
   [2.0, 1.0]
   """
-  return _core.Merger("average", (), {}, _average_leaf)
+  return _core.Merger("average", (), {}, _average_leaf, elementwise=True)
 
 
 def _weighted_leaf(static, tv, ctx):
@@ -65,6 +65,7 @@ def weighted_average(
       (bool(normalize),),
       {"weights": weights},
       _weighted_leaf,
+      elementwise=True,
   )
 
 
@@ -85,4 +86,6 @@ def task_arithmetic() -> _core.Merger:
   >>> mtx.merging.merge(pre, fts, "task_arithmetic", scale=0.5)["w"].tolist()
   [1.5, 2.0]
   """
-  return _core.Merger("task_arithmetic", (), {}, _ta_leaf, per_task_scale=True)
+  return _core.Merger(
+      "task_arithmetic", (), {}, _ta_leaf, per_task_scale=True, elementwise=True
+  )

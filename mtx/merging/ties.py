@@ -257,4 +257,5 @@ def ties(
       {"weights": weights},
       _leaf,
       prepare if needs_prepare else None,
+      elementwise=True,
   )
