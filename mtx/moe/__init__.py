@@ -34,12 +34,12 @@ Modules:
   upcycle: dense MLP -> MoE, MoE from fine-tuned models (MergeKit gate
     modes), expert pruning by usage.
 
->>> import jax, jax.numpy as jnp, mtx
->>> p = mtx.moe.init(jax.random.key(0), d_model=4, hidden=8, num_experts=4)
->>> y, aux = mtx.moe.apply(p, jnp.ones((3, 4)), num_selected=1,
-...                        capacity_factor=2.0)
->>> y.shape, sorted(aux)[:3]
-((3, 4), ['capacity', 'drop_fraction', 'expert_fill'])
+>>> import jax, numpy as np, mtx
+>>> p = mtx.moe.init(jax.random.key(0), d_model=8, hidden=16, num_experts=4)
+>>> x = np.cos(np.arange(96.0)).reshape(2, 6, 8)  # 12 tokens of width 8
+>>> y, aux = mtx.moe.apply(p, x, num_selected=2, capacity_factor=1.25)
+>>> y.shape, aux["capacity"], sorted(aux)[:3]
+((2, 6, 8), 8, ['capacity', 'drop_fraction', 'expert_fill'])
 """
 
 from mtx.moe import layer

@@ -122,9 +122,9 @@ def init(
     ``{"router": {"kernel"}, "experts": {"wi", "wo"}}`` (+ ``"shared"``).
 
   >>> import jax
-  >>> p = init(jax.random.key(0), d_model=4, hidden=8, num_experts=2)
+  >>> p = init(jax.random.key(0), d_model=8, hidden=16, num_experts=4)
   >>> jax.tree.map(lambda a: a.shape, p)
-  {'experts': {'wi': (2, 4, 8), 'wo': (2, 8, 4)}, 'router': {'kernel': (4, 2)}}
+  {'experts': {'wi': (4, 8, 16), 'wo': (4, 16, 8)}, 'router': {'kernel': (8, 4)}}
   """
   if num_tasks is not None and task_conditioning not in (
       "per_task",
@@ -219,9 +219,9 @@ def expert_mlp(
   Returns:
     ``[..., E, C, D]`` in the experts' dtype.
 
-  >>> import jax.numpy as jnp
-  >>> ex = {"wi": jnp.ones((2, 1, 1)), "wo": 2 * jnp.ones((2, 1, 1))}
-  >>> expert_mlp(ex, jnp.array([[[1.0]], [[-1.0]]]), "relu").tolist()
+  >>> import numpy as np
+  >>> ex = {"wi": np.ones((2, 1, 1)), "wo": 2 * np.ones((2, 1, 1))}
+  >>> expert_mlp(ex, np.array([[[1.0]], [[-1.0]]]), "relu").tolist()
   [[[2.0]], [[0.0]]]
   """
   act = _activation(activation)
@@ -363,7 +363,7 @@ def _plan(
       raise ValueError(
           f"'router/kernel' has {width} outputs but there are {e} experts"
       )
-    _routing._check_k(num_selected, e)
+    num_selected = _routing._check_k(num_selected, e)
     c = opts["capacity"]
     if c is None:
       c = _routing.capacity(s, e, num_selected, capacity_factor)
@@ -652,16 +652,16 @@ def apply(
       ``num_selected`` outside ``[1, E]``, a token count not divisible by
       ``num_groups``, or randomness requested without ``key``.
 
-  >>> import jax, jax.numpy as jnp
+  >>> import jax, numpy as np
   >>> from mtx import moe
   >>> p = moe.init(jax.random.key(0), d_model=8, hidden=16, num_experts=4)
-  >>> x = jax.random.normal(jax.random.key(1), (2, 6, 8))
+  >>> x = np.cos(np.arange(96.0)).reshape(2, 6, 8)
   >>> y, aux = moe.apply(p, x, num_selected=2, capacity_factor=1.25)
   >>> y.shape, aux["capacity"], aux["expert_load"].shape
   ((2, 6, 8), 8, (4,))
   >>> y2, _ = moe.apply(p, x, num_selected=2, capacity_factor=1.25,
   ...                   backend="sort")
-  >>> bool(jnp.allclose(y, y2, atol=1e-5))
+  >>> float(np.abs(y - y2).max()) < 1e-5
   True
   """
   if backend not in BACKENDS:

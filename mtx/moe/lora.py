@@ -17,18 +17,19 @@ The low-rank products are computed for all ranks / adapters and masked
 (they are ``R`` or ``E r`` columns wide, far cheaper than the frozen
 matmul), so there are no capacity drops here.
 
->>> import jax, jax.numpy as jnp
+>>> import jax, numpy as np
 >>> from mtx.moe import lora
->>> kernel = jnp.eye(4)
+>>> kernel = np.eye(4)
 >>> p = lora.experts_init(jax.random.key(0), 4, 4, num_experts=3, rank=2)
->>> y, aux = lora.experts_apply(kernel, p, jnp.ones((5, 4)), num_selected=1)
->>> y.shape, bool(jnp.allclose(y, 1.0))  # b starts at zero: y = x @ kernel
+>>> y, aux = lora.experts_apply(kernel, p, np.ones((5, 4)), num_selected=1)
+>>> y.shape, bool((np.asarray(y) == 1.0).all())  # b = 0: y = x @ kernel
 ((5, 4), True)
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -58,10 +59,10 @@ def fly_projection(
   Every rank (column) has exactly ``nonzeros`` non-zero entries drawn from
   ``N(0, 1/R²)`` at random rows.
 
-  >>> import jax
-  >>> a = fly_projection(jax.random.key(0), 16, 4, nonzeros=3)
+  >>> import jax, numpy as np
+  >>> a = np.asarray(fly_projection(jax.random.key(0), 8, 4, nonzeros=2))
   >>> a.shape, (a != 0).sum(0).tolist()
-  ((16, 4), [3, 3, 3, 3])
+  ((8, 4), [2, 2, 2, 2])
   """
   if not 1 <= nonzeros <= d_in:
     raise ValueError(f"nonzeros must be in [1, {d_in}], got {nonzeros!r}")
@@ -112,24 +113,35 @@ def rank_init(
     or ``"bias"`` (implicit).
 
   >>> import jax
-  >>> sorted(rank_init(jax.random.key(0), 8, 4, 6, router="implicit"))
+  >>> sorted(rank_init(jax.random.key(0), 8, 3, 4, router="implicit",
+  ...                  nonzeros=2))
   ['a', 'b', 'bias']
   """
+  if router not in ("explicit", "implicit"):
+    raise ValueError(f"router must be 'explicit' or 'implicit', got {router!r}")
+  nz = nonzeros if nonzeros is not None else max(1, d_in // 8)
+  if router == "implicit" and not 1 <= nz <= d_in:
+    raise ValueError(f"nonzeros must be in [1, {d_in}], got {nz!r}")
+  return _rank_init(
+      key, d_in, d_out, rank, router, nz, jnp.dtype(dtype), router_std
+  )
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6))
+def _rank_init(key, d_in, d_out, rank, router, nz, dtype, router_std):
+  b = jnp.zeros((rank, d_out), dtype)
   if router == "explicit":
-    a, kernel = _layer._normals_jit(key, ((d_in, rank), (d_in, rank)))
+    a, kernel = _layer._normals(key, ((d_in, rank), (d_in, rank)))
     return {
-        "a": (a / jnp.sqrt(d_in)).astype(dtype),
-        "b": jnp.zeros((rank, d_out), dtype),
+        "a": (a / math.sqrt(d_in)).astype(dtype),
+        "b": b,
         "router": {"kernel": router_std * kernel},
     }
-  if router == "implicit":
-    nz = nonzeros if nonzeros is not None else max(1, d_in // 8)
-    return {
-        "a": fly_projection(key, d_in, rank, nonzeros=nz).astype(dtype),
-        "b": jnp.zeros((rank, d_out), dtype),
-        "bias": jnp.zeros((rank,), jnp.float32),
-    }
-  raise ValueError(f"router must be 'explicit' or 'implicit', got {router!r}")
+  return {
+      "a": _fly_projection(key, d_in, rank, nz).astype(dtype),
+      "b": b,
+      "bias": jnp.zeros((rank,), _acc()),
+  }
 
 
 def _check_linear(kernel, x, a_shape_in, d_out, what):
@@ -175,13 +187,13 @@ def rank_apply(
     ranks as experts (implicit router: ``expert_load`` and a monitoring
     ``load_balance_loss = R Σ f_r²``, 1.0 when balanced; no z-loss).
 
-  >>> import jax, jax.numpy as jnp
-  >>> p = rank_init(jax.random.key(0), 4, 3, 4, router="implicit",
-  ...               nonzeros=4)
-  >>> p["b"] = jnp.ones((4, 3))
-  >>> x = jnp.ones((2, 4))
+  >>> import jax, numpy as np
+  >>> p = rank_init(jax.random.key(0), 8, 3, 4, router="implicit",
+  ...               nonzeros=2)
+  >>> p["a"], p["b"] = np.asarray(p["a"]), np.ones((4, 3))
+  >>> x = np.ones((2, 8))
   >>> full, _ = rank_apply(p, x, num_selected=4)  # all ranks: plain LoRA
-  >>> bool(jnp.allclose(full, x @ p["a"] @ p["b"]))
+  >>> bool(np.allclose(full, x @ p["a"] @ p["b"], atol=1e-6))
   True
 
   References:
@@ -255,17 +267,22 @@ def experts_init(
     "b": [E, r, D_out]}``.
 
   >>> import jax
-  >>> p = experts_init(jax.random.key(0), 8, 4, num_experts=3, rank=2)
+  >>> p = experts_init(jax.random.key(0), 4, 4, num_experts=3, rank=2)
   >>> p["a"].shape, p["b"].shape, p["router"]["kernel"].shape
-  ((3, 8, 2), (3, 2, 4), (8, 3))
+  ((3, 4, 2), (3, 2, 4), (4, 3))
   """
-  a, kernel = _layer._normals_jit(
-      key, ((num_experts, d_in, rank), (d_in, num_experts))
+  return _experts_init(
+      key, d_in, d_out, num_experts, rank, jnp.dtype(dtype), router_std
   )
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+def _experts_init(key, d_in, d_out, e, rank, dtype, router_std):
+  a, kernel = _layer._normals(key, ((e, d_in, rank), (d_in, e)))
   return {
       "router": {"kernel": router_std * kernel},
-      "a": (a / jnp.sqrt(d_in)).astype(dtype),
-      "b": jnp.zeros((num_experts, rank, d_out), dtype),
+      "a": (a / math.sqrt(d_in)).astype(dtype),
+      "b": jnp.zeros((e, rank, d_out), dtype),
   }
 
 
@@ -302,12 +319,11 @@ def experts_apply(
     ValueError: shapes that do not fit ``kernel`` / ``x``, or
       ``num_selected`` outside ``[1, E]``.
 
-  >>> import jax, jax.numpy as jnp
-  >>> p = experts_init(jax.random.key(0), 2, 2, num_experts=2, rank=1)
-  >>> p["a"] = jnp.ones((2, 2, 1)); p["b"] = jnp.stack([jnp.ones((1, 2)),
-  ...                                                  -jnp.ones((1, 2))])
-  >>> p["router"]["kernel"] = jnp.array([[10.0, 0.0], [10.0, 0.0]])
-  >>> y, _ = experts_apply(jnp.zeros((2, 2)), p, jnp.ones((1, 2)),
+  >>> import numpy as np
+  >>> p = {"router": {"kernel": np.array([[10.0, 0.0], [10.0, 0.0]])},
+  ...      "a": np.ones((2, 2, 1)),
+  ...      "b": np.stack([np.ones((1, 2)), -np.ones((1, 2))])}
+  >>> y, _ = experts_apply(np.zeros((2, 2)), p, np.ones((1, 2)),
   ...                      num_selected=1)
   >>> [round(v, 3) for v in y[0].tolist()]  # expert 0, gate ~1: +2
   [2.0, 2.0]

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -183,10 +184,17 @@ def capacity(
       ("num_selected", num_selected),
       ("multiple", multiple),
   ):
-    if not isinstance(v, int) or v < 1:
+    if not isinstance(v, numbers.Integral) or v < 1:
       raise ValueError(f"{name} must be a positive int, got {v!r}")
   if capacity_factor is None:
     return num_tokens
+  if isinstance(capacity_factor, bool) or not isinstance(
+      capacity_factor, numbers.Real
+  ):
+    raise ValueError(
+        "capacity_factor must be a Python number (it sets buffer shapes), "
+        f"got {capacity_factor!r}"
+    )
   if not capacity_factor > 0:
     raise ValueError(f"capacity_factor must be > 0, got {capacity_factor!r}")
   c = math.ceil(capacity_factor * num_tokens * num_selected / num_experts)
@@ -289,14 +297,14 @@ def _as_logits(logits: jax.typing.ArrayLike, name: str = "logits") -> jax.Array:
 def _check_k(num_selected: Any, num_experts: int) -> int:
   if (
       isinstance(num_selected, bool)
-      or not isinstance(num_selected, int)
+      or not isinstance(num_selected, numbers.Integral)
       or not 1 <= num_selected <= num_experts
   ):
     raise ValueError(
         f"num_selected must be an int in [1, {num_experts}] (the number of "
         f"experts), got {num_selected!r}"
     )
-  return num_selected
+  return int(num_selected)
 
 
 def _check_capacity(c: Any) -> int | None:
