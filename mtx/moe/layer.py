@@ -29,7 +29,10 @@ The expert is an MLP ``act(x @ wi[e]) @ wo[e]``; optional shared experts
 (DeepSeek-MoE) in ``params["shared"]`` (``wi`` ``[N, D, F']``, ``wo``
 ``[N, F', D]``, or one expert without the leading axis) run on every token
 with weight 1 and are added to the output. Expert math runs in the params'
-dtype; router math and the combine in float32; ``y`` has ``x``'s dtype.
+dtype; router math and the combine in float32 (float64 under
+``jax_enable_x64``); ``y`` has ``x``'s dtype. Each distinct configuration
+(router, backend, shapes, structural options) compiles one XLA program,
+cached across calls.
 """
 
 from __future__ import annotations
@@ -63,8 +66,8 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 # (task_ids with a per-task router or a task embedding).
 ROUTERS = ("top_k", "expert_choice", "soft", "hash", "random")
 
-# name -> implementation, for the registry-wide tests; "expert_parallel"
-# lives in mtx.moe.sharded.
+# How tokens reach the experts (see the module docstring); the first three
+# run on one device, "expert_parallel" is mtx.moe.sharded.apply.
 BACKENDS = ("einsum", "sort", "ragged", "expert_parallel")
 
 _OPTIONS = {
@@ -78,9 +81,6 @@ _OPTIONS = {
     "task_ids": None,
     "token_ids": None,
 }
-_SHARDED_OPTIONS = ("mesh", "data_axis", "expert_axis", "dispatch")
-
-PyTree = Any
 
 
 # ----------------------------------------------------------------------------
@@ -150,13 +150,9 @@ def init(
 
 @functools.partial(jax.jit, static_argnums=tuple(range(1, 10)))
 def _init(key, d, f, e, slots, t, conditioning, num_shared, router_std, dtype):
+  per_task = t is not None and conditioning == "per_task"
   shapes = {
-      "kernel": (t, d, e * slots)
-      if conditioning == "per_task" and t
-      else (
-          d,
-          e * slots,
-      ),
+      "kernel": (t, d, e * slots) if per_task else (d, e * slots),
       "wi": (e, d, f),
       "wo": (e, f, d),
       "task_embedding": (t, d) if conditioning == "embedding" and t else (0,),
