@@ -34,7 +34,8 @@ assignments dropped for lack of capacity). Routers balanced by construction
 (expert choice, soft) report ``load_balance_loss = 1.0``. Suggested weights:
 1e-2 for the load-balance loss, 1e-3 for the z-loss (:func:`aux_loss`).
 
-All router math is float32 whatever the input dtype. Randomness (noisy
+All router math is float32 whatever the input dtype (float64 under
+``jax_enable_x64``). Randomness (noisy
 gating, GShard random second expert, random routing) takes an explicit
 ``key``: one key, or one key per group (shape ``[G]``); the layers pass
 per-group keys so that sharded and unsharded runs draw the same numbers.
@@ -42,7 +43,6 @@ per-group keys so that sharded and unsharded runs draw the same numbers.
 Example:
 
 >>> import jax.numpy as jnp
-
 >>> from mtx.moe import routing
 >>> logits = jnp.array([[[2.0, 0.0], [3.0, 0.0], [0.0, 1.0]]])  # [G=1,S=3,E=2]
 >>> r = routing.top_k_routing(logits, num_selected=1, capacity=1)
@@ -310,9 +310,9 @@ def _check_k(num_selected: Any, num_experts: int) -> int:
 def _check_capacity(c: Any) -> int | None:
   if c is None:
     return None
-  if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+  if isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 1:
     raise ValueError(f"capacity must be a positive int or None, got {c!r}")
-  return c
+  return int(c)
 
 
 def _draw(
