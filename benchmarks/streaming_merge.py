@@ -16,7 +16,8 @@ MLP, RMSNorm weights, an untied LM head; ``L`` chosen so a model has about
 * checks that both outputs hold identical tensors.
 
 Prints a markdown table. Needs about ``(num_models + 3) x size_gb`` of free
-disk under ``--workdir`` (checked first) and removes everything at the end.
+disk under ``--tmp`` (checked first); everything goes to a fresh scratch
+folder there, removed at the end.
 The in-memory runs need about ``(num_models + 2) x size_gb`` of RAM; they are
 skipped (``--skip_in_memory``) or refused when memory is short.
 """
@@ -29,6 +30,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -172,7 +174,9 @@ def main() -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--size_gb", type=float, default=1.5)
   ap.add_argument("--num_models", type=int, default=4)
-  ap.add_argument("--workdir", default="/tmp/mtx_streaming_bench")
+  ap.add_argument(
+      "--tmp", default="/tmp", help="where the scratch folder is created"
+  )
   ap.add_argument("--methods", default="task_arithmetic,ties")
   ap.add_argument("--skip_in_memory", action="store_true")
   ap.add_argument("--keep", action="store_true", help="keep the files")
@@ -182,8 +186,7 @@ def main() -> int:
   n_params = sum(int(np.prod(s)) for s in shapes.values())
   model_gb = n_params * 4 / 1e9
   largest = max(int(np.prod(s)) for s in shapes.values()) * 4 / 1e9
-  os.makedirs(args.workdir, exist_ok=True)
-  free = shutil.disk_usage(args.workdir).free / 1e9
+  free = shutil.disk_usage(args.tmp).free / 1e9
   need = (args.num_models + 3) * model_gb + 1
   print(
       f"model: {len(shapes)} tensors, {n_params / 1e6:.0f}M params, "
@@ -197,6 +200,7 @@ def main() -> int:
     return 1
   hparams = {"task_arithmetic": {}, "ties": {"density": 0.2}}
   rows = []
+  args.workdir = tempfile.mkdtemp(prefix="mtx_streaming_bench-", dir=args.tmp)
   try:
     t0 = time.time()
     pre, *fts = write_models(args.workdir, shapes, args.num_models)

@@ -708,6 +708,7 @@ def _libc():
 
 
 _MALLOC_TRIM = _libc()
+_TRIM_BYTES = 16 << 20  # trim after releasing leaves at least this large
 
 
 def _trim() -> None:
@@ -743,11 +744,16 @@ class _Loader:
     self._cache = None
 
   def release(self) -> None:
+    big = False
     if self._last is not None:
+      i, part = self._last
       for m in self.models:
-        m.release(self._last[0])
+        m.release(i)
+      x = self.models[0].leaves[i]
+      big = _nbytes(x) >= _TRIM_BYTES or part is not None
     self._last, self._cache = None, None
-    _trim()
+    if big:
+      _trim()
 
   def __call__(self, i: int):
     return self._get(i, None)
