@@ -24,6 +24,7 @@ from mtx.models import cnn
 from mtx.models import heads
 from mtx.models import lm
 from mtx.models import mlp
+from mtx.models import moe_transformer
 from mtx.models import vit
 from mtx.models._base import Model
 from mtx.models._base import classifier
@@ -38,6 +39,7 @@ MODELS = {
     "bert": bert,
     "clip": clip,
     "lm": lm,
+    "moe_transformer": moe_transformer,
 }
 
 
@@ -92,5 +94,6 @@ __all__ = [
     "heads",
     "lm",
     "mlp",
+    "moe_transformer",
     "vit",
 ]
