@@ -6,11 +6,14 @@ r"""MoE layer backends vs a dense matmul of the same useful FLOPs (one run).
 
 For E in {8, 32} and K in {1, 2} (capacity factor 1.25, top-k routing, one
 group, ReLU experts) and each single-device backend of ``mtx.moe.apply``,
-measured in the same process (best of ``--repeats`` after a warm-up):
+measured in the same process (after a warm-up, ``--repeats`` rounds that
+time the dense reference, the layer and its expert computation in turn;
+best time of each; calls slower than 5 s are timed once):
 
 * ``useful``: ``4 S K D F`` FLOPs (two matmuls per routed assignment).
 * ``dense``: time of a dense MLP on ``S K`` tokens (the same useful FLOPs)
-  and its FLOP/s; every ratio below is relative to it.
+  and its FLOP/s, measured next to each row; every ratio below is relative
+  to it.
 * ``expert/dense``: FLOP/s of the expert computation alone (the batched
   matmuls on ``[E, C, D]`` buffers, or the two ``ragged_dot`` calls on
   ``S K`` sorted rows) over the dense FLOP/s.
@@ -41,14 +44,26 @@ import numpy as np
 from mtx import moe
 
 
-def best_time(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile + warm up
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return min(times)
+def _once(fn, args) -> float:
+  t = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  return time.perf_counter() - t
+
+
+def best_times(fns: dict, repeats: int, slow_s: float = 5.0) -> dict:
+  """Best wall time of each ``name: (fn, args)``, measured interleaved.
+
+  Every function is compiled and run once first; then ``repeats`` rounds
+  time each function in turn (so a busy machine slows all of them alike).
+  Functions slower than ``slow_s`` per call are timed in one round only.
+  """
+  first = {n: _once(fn, args) for n, (fn, args) in fns.items()}  # warm-up
+  best = {n: float("inf") for n in fns}
+  for r in range(repeats):
+    for n, (fn, args) in fns.items():
+      if r == 0 or first[n] < slow_s:
+        best[n] = min(best[n], _once(fn, args))
+  return best
 
 
 def temp_bytes(fn, *args) -> int:
@@ -74,7 +89,7 @@ def main(argv=None) -> None:
   ap.add_argument("--selected", type=int, nargs="+", default=[1, 2])
   ap.add_argument("--capacity_factor", type=float, default=1.25)
   ap.add_argument("--backends", nargs="+", default=["einsum", "sort", "ragged"])
-  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--max_temp_gb", type=float, default=6.0)
   ap.add_argument("--json", default="")
   args = ap.parse_args(argv)
@@ -102,14 +117,9 @@ def main(argv=None) -> None:
     p = jax.tree.map(jnp.asarray, p)
     for k in args.selected:
       useful = 4.0 * s * k * d * f
-      t_dense = best_time(
-          dense,
-          p["experts"]["wi"][0],
-          p["experts"]["wo"][0],
-          jnp.tile(x, (k, 1)),
-          repeats=args.repeats,
-      )
       c = moe.capacity(s, e, k, args.capacity_factor)
+      tiled = jnp.tile(x, (k, 1))
+      dense_args = (p["experts"]["wi"][0], p["experts"]["wo"][0], tiled)
       for backend in args.backends:
         layer = jax.jit(
             lambda p, x, b=backend, k=k: moe.apply(
@@ -123,7 +133,6 @@ def main(argv=None) -> None:
             "backend": backend,
             "C": c,
             "useful_flops": useful,
-            "dense_s": t_dense,
         }
         row["temp_bytes"] = temp_bytes(layer, p, x)
         if row["temp_bytes"] > args.max_temp_gb * 2**30:
@@ -134,7 +143,6 @@ def main(argv=None) -> None:
               f"{row['temp_bytes'] / 2**20:.0f} MB > --max_temp_gb"
           )
           continue
-        row["layer_s"] = best_time(layer, p, x, repeats=args.repeats)
         if backend == "ragged":
           sizes = np.full((e,), s * k // e, np.int32)
           sizes[: s * k - sizes.sum()] += 1
@@ -143,20 +151,26 @@ def main(argv=None) -> None:
                   relu(jax.lax.ragged_dot(rows, wi, gs)), wo, gs
               )
           )
-          row["expert_s"] = best_time(
-              expert,
+          expert_args = (
               p["experts"]["wi"],
               p["experts"]["wo"],
-              jnp.tile(x, (k, 1)),
+              tiled,
               jnp.asarray(sizes),
-              repeats=args.repeats,
           )
         else:
           buf = jnp.asarray(rng.normal(size=(1, e, c, d)).astype(np.float32))
           expert = jax.jit(lambda ex, b: moe.expert_mlp(ex, b, "relu"))
-          row["expert_s"] = best_time(
-              expert, p["experts"], buf, repeats=args.repeats
-          )
+          expert_args = (p["experts"], buf)
+        t = best_times(
+            {
+                "dense": (dense, dense_args),
+                "layer": (layer, (p, x)),
+                "expert": (expert, expert_args),
+            },
+            args.repeats,
+        )
+        t_dense = row["dense_s"] = t["dense"]
+        row["layer_s"], row["expert_s"] = t["layer"], t["expert"]
         row["expert_over_dense"] = t_dense / row["expert_s"]
         row["layer_over_dense"] = t_dense / row["layer_s"]
         row["overhead"] = max(0.0, 1 - row["expert_s"] / row["layer_s"])
@@ -167,7 +181,8 @@ def main(argv=None) -> None:
             f"{useful / t_dense / 1e9:>10.1f} "
             f"{row['expert_over_dense']:>12.2f} "
             f"{row['layer_over_dense']:>11.2f} {row['overhead']:>8.2f} "
-            f"{row['temp_bytes'] / 2**20:>8.0f}"
+            f"{row['temp_bytes'] / 2**20:>8.0f}",
+            flush=True,
         )
   ok = [
       r for r in rows if r["E"] == 8 and r["K"] == 2 and "layer_over_dense" in r
