@@ -83,6 +83,12 @@ _FORMAT = flags.DEFINE_enum(
 _SHARD_SIZE = flags.DEFINE_string(
     "shard_size", "2GB", "Bytes per safetensors shard (e.g. 2GB, 500MiB)."
 )
+_HASH_SOURCES = flags.DEFINE_bool(
+    "hash_sources",
+    True,
+    "Record the SHA-256 of every source checkpoint's weight and config files"
+    " in the output's metadata (reads each input once more).",
+)
 _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "Replace an existing --out (once the new one is done)."
 )
@@ -255,11 +261,27 @@ def run(argv: Sequence[str]) -> list[str]:
   dtype = _dtype(_DTYPE.value or cfg_dtype)
   mesh, rules = _mesh(_MESH.value)
   t0 = time.time()
+  sources = [os.fspath(getattr(pre, "path", pre))] + [os.fspath(f) for f in fts]
+  hashes = {}
+  if _HASH_SOURCES.value:
+    from mtx import checkpoint  # pylint: disable=g-import-not-at-top
+
+    for src in sources:
+      files = [src]
+      if os.path.isdir(src):  # the weights (and config), not unrelated files
+        files = [
+            os.path.join(src, n)
+            for n in sorted(os.listdir(src))
+            if n.endswith((".safetensors", ".json"))
+        ] or [src]
+      hashes[src] = checkpoint.content_hash(files)
+    logging.info("hashed %d source checkpoints (sha256)", len(hashes))
   metadata = {
       "mtx_merge": {
           **record,
-          "pretrained": os.fspath(getattr(pre, "path", pre)),
-          "finetuned": [os.fspath(f) for f in fts],
+          "pretrained": sources[0],
+          "finetuned": sources[1:],
+          "sha256": hashes,
           "include": _INCLUDE.value,
           "exclude": _EXCLUDE.value,
           "seed": _SEED.value,

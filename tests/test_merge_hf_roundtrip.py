@@ -66,6 +66,15 @@ def test_merged_hf_folder_loads_in_transformers(tmp_path, method):
   assert len(common) >= len(want) - 1, sorted(set(want) - set(got))
   for k in common:
     np.testing.assert_allclose(got[k], np.asarray(want[k]), atol=1e-6)
+  # The provenance (sources and their hashes) is recorded in the output.
+  meta = mtx.io.safetensors.open_checkpoint(out).metadata
+  text = str(meta)
+  assert (
+      mtx.checkpoint.content_hash(
+          [base / "config.json", base / "model.safetensors"]
+      )
+      in text
+  )
   # It also runs: same outputs as mtx's BERT on the merged params.
   ids = torch.tensor([[1, 5, 7, 2, 0]])
   mask = torch.tensor([[1, 1, 1, 1, 0]])
