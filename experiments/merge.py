@@ -267,6 +267,8 @@ def run(argv: Sequence[str]) -> list[str]:
     from mtx import checkpoint  # pylint: disable=g-import-not-at-top
 
     for src in sources:
+      if not os.path.exists(src):
+        continue  # reported by the merge itself, with its own message
       files = [src]
       if os.path.isdir(src):  # the weights (and config), not unrelated files
         files = [
