@@ -86,10 +86,7 @@ def _source(module: str) -> str:
   spec = importlib.util.find_spec(module)
   if spec is None or not spec.origin or not spec.origin.endswith(".py"):
     raise ValueError(f"no Python source for module {module!r}")
-  origin = Path(spec.origin)
-  if origin.name == "__init__.py" or not origin.exists():
-    origin = Path(spec.origin)
-  return origin.read_text(encoding="utf-8")
+  return Path(spec.origin).read_text(encoding="utf-8")
 
 
 def _docstrings(source: str) -> list[str]:
@@ -108,7 +105,8 @@ def load_text(name: str) -> str:
 
   Read from Python's own source files (no import side effects, no
   downloads). ``"stdlib"`` concatenates the module, class and function
-  docstrings of :data:`STDLIB_MODULES`.
+  docstrings of :data:`STDLIB_MODULES` (so it varies a little between
+  Python versions; the Zen does not).
   """
   if name == "zen":
     tree = ast.parse(_source("this"))
@@ -277,8 +275,18 @@ def build_model(config, mesh: jax.sharding.Mesh) -> mtx.models.Model:
   return mt.model(mc, mesh=mesh)
 
 
-def make_train_step(model, optimizer, seed: int) -> Callable[..., Any]:
-  """``step(params, opt_state, tokens [B, L+1], step) -> (params, opt, metrics)``."""
+# Per-MoE-layer metrics logged during training.
+_LAYER_METRICS = ("expert_load", "drop_fraction", "load_balance_loss")
+
+
+def make_train_step(
+    model, optimizer, seed: int, *, out_shardings: Any = None
+) -> Callable[..., Any]:
+  """``step(params, opt_state, tokens [B, L+1], step) -> (params, opt, metrics)``.
+
+  ``out_shardings``: optional ``(param shardings, optimizer-state
+  shardings)``; the metrics are replicated.
+  """
 
   def step(params, opt_state, tokens, step):
     key = jax.random.fold_in(jax.random.key(seed), step)
@@ -296,11 +304,16 @@ def make_train_step(model, optimizer, seed: int) -> Callable[..., Any]:
         "router_z_loss": aux["router_z_loss"],
         "drop_fraction": aux["drop_fraction"],
         "grad_norm": mtree.l2_norm(grads),
-        "expert_load": {k: m["expert_load"] for k, m in aux["layers"].items()},
+        "layers": {
+            name: {k: m[k] for k in _LAYER_METRICS}
+            for name, m in aux["layers"].items()
+        },
     }
     return params, opt_state, metrics
 
-  return jax.jit(step, donate_argnums=(0, 1))
+  if out_shardings is not None:
+    out_shardings = (*out_shardings, None)
+  return jax.jit(step, donate_argnums=(0, 1), out_shardings=out_shardings)
 
 
 def make_eval_step(model) -> Callable[..., Any]:
@@ -328,17 +341,17 @@ def _write_json(path: Path, obj) -> None:
 
 
 def _summary(window: list[dict[str, Any]]) -> dict[str, Any]:
-  """Means over the steps of one logging window (host values)."""
-  out = {
-      k: float(np.mean([m[k] for m in window]))
-      for k in window[0]
-      if k != "expert_load"
-  }
-  out["expert_load"] = {
-      layer: np.mean([m["expert_load"][layer] for m in window], 0).tolist()
-      for layer in window[0]["expert_load"]
-  }
-  return out
+  """Means over the steps of one logging window, as JSON-able values."""
+  mean = jax.tree.map(lambda *xs: np.mean(np.stack(xs), 0), *window)
+  return jax.tree.map(lambda x: x.tolist(), mean)
+
+
+def _format_loads(layers: dict[str, Any]) -> str:
+  return "; ".join(
+      f"{name} load [{' '.join(f'{v:.2f}' for v in m['expert_load'])}]"
+      f" drop {100 * m['drop_fraction']:.1f}%"
+      for name, m in layers.items()
+  )
 
 
 def _check_config(config, mesh) -> None:
@@ -355,6 +368,8 @@ def _check_config(config, mesh) -> None:
     )
   if config.steps < 1:
     raise ValueError(f"steps must be >= 1, got {config.steps}")
+  if config.seq_len < 1:
+    raise ValueError(f"seq_len must be >= 1, got {config.seq_len}")
 
 
 def run(
@@ -398,6 +413,11 @@ def run(
   ids = encode(load_text(config.text))
   train_ids, val_ids = split_text(ids, config.validation_fraction)
   length = config.seq_len + 1
+  if len(val_ids) < length:
+    raise ValueError(
+        f"the validation text has {len(val_ids)} characters, fewer than a"
+        f" window of {length}; raise validation_fraction or lower seq_len"
+    )
   tokens_sharding = mt.batch_sharding(mesh)
   val_starts = np.linspace(
       0, len(val_ids) - length, config.eval_batch_size
@@ -417,8 +437,21 @@ def run(
         weight_decay=config.weight_decay,
         clip_norm=config.clip_norm or None,
     )
-    opt_state = jax.jit(opt.init)(params)
-    train_step = make_train_step(model, opt, config.seed)
+    # The optimizer state's params-like leaves (Adam moments) take the
+    # params' shardings, the rest (step counts) is replicated; the step
+    # keeps both layouts, so it compiles once.
+    replicated = jax.sharding.NamedSharding(mesh, jax.P())
+    opt_shardings = optax.tree_map_params(
+        opt,
+        lambda _, s: s,
+        jax.eval_shape(opt.init, shapes),
+        shardings,
+        transform_non_params=lambda _: replicated,
+    )
+    opt_state = jax.jit(opt.init, out_shardings=opt_shardings)(params)
+    train_step = make_train_step(
+        model, opt, config.seed, out_shardings=(shardings, opt_shardings)
+    )
     eval_step = make_eval_step(model)
 
     manager = checkpoint.Manager(
@@ -451,7 +484,8 @@ def run(
     log(
         f"{prefix}{model.name} backend={mc.backend} mesh={dict(mesh.shape)}"
         f" over {jax.process_count()} process(es); "
-        f"{mtx.models.count_params(shapes):,} params; capacity per expert"
+        f"{sum(s.size for s in jax.tree.leaves(shapes)):,} params; capacity"
+        " per expert"
         f" and group {capacity}; text {config.text!r}: {len(train_ids):,}"
         f" train / {len(val_ids):,} validation characters"
     )
@@ -475,14 +509,14 @@ def run(
         now = time.time()
         rate = (n - done0) / max(now - t_log, 1e-9)
         t_log, done0 = now, n
-        loads = np.array(list(s["expert_load"].values()) or [[0.0]])
         log(
             f"{prefix}step {n}/{config.steps} loss {s['loss']:.4f} aux"
             f" {s['aux_loss']:.4f} (balance {s['load_balance_loss']:.3f},"
             f" z {s['router_z_loss']:.3f}) drop {100 * s['drop_fraction']:.1f}%"
-            f" expert load min/max {loads.min():.3f}/{loads.max():.3f}"
             f" | {rate:.2f} steps/s ETA {(config.steps - n) / rate:.0f}s"
         )
+        if s["layers"]:
+          log(f"{prefix}step {n}: {_format_loads(s['layers'])}")
       if n % config.eval_every == 0 or n == config.steps:
         ev = {k: float(v) for k, v in eval_step(params, val_batch).items()}
         evals.append({"step": n, **ev})

@@ -49,7 +49,7 @@ causality matters.
 >>> m = model(CONFIGS["tiny"])
 >>> tokens = jnp.arange(16).reshape(2, 8)
 >>> p = m.init(jax.random.key(0), tokens)
->>> logits, aux = m.apply(p, tokens)
+>>> logits, aux = jax.jit(m.apply)(p, tokens)
 >>> logits.shape, sorted(aux["layers"]), aux["layers"]["block_1"]["expert_load"].shape
 ((2, 8, 128), ['block_1'], (8,))
 
@@ -474,7 +474,8 @@ def next_token_loss(
   >>> import jax, jax.numpy as jnp
   >>> m = model(CONFIGS["tiny"])
   >>> p = m.init(jax.random.key(0))
-  >>> total, aux = next_token_loss(m.apply, p, jnp.ones((2, 9), jnp.int32))
+  >>> loss = jax.jit(lambda p, t: next_token_loss(m.apply, p, t))
+  >>> total, aux = loss(p, jnp.ones((2, 9), jnp.int32))
   >>> bool(total > aux["cross_entropy"] > 4.0)  # ~ log(128) at init
   True
   """
@@ -559,7 +560,14 @@ def upcycle(
   """
   dense_config = dataclasses.replace(config, moe_every=0)
   want = jax.eval_shape(_init, jax.random.key(0), dense_config)
-  mtree.assert_same_structure(want, dense_params, names=("dense", "given"))
+  try:
+    mtree.assert_same_structure(
+        want, dense_params, names=("dense model", "dense_params")
+    )
+  except ValueError as e:
+    raise ValueError(
+        f"dense_params do not fit the dense version of the config: {e}"
+    ) from None
   out = {k: v for k, v in dense_params.items()}
   for i in range(config.num_layers):
     if not is_moe_block(config, i):
