@@ -216,12 +216,15 @@ def test_smoke_in_process_one_device(smoke_run):
   assert m["train_losses"][-1] < m["train_losses"][0] - 0.5
   for h in m["history"]:
     assert 0.0 <= h["drop_fraction"] < 1.0 and h["load_balance_loss"] >= 1.0
-    layer = h["layers"]["block_1"]
+    layer = h["layers"]["block_0"]
     np.testing.assert_allclose(sum(layer["expert_load"]), 1.0, 1e-5)
     assert 0.0 <= layer["drop_fraction"] < 1.0
   assert checkpoint.Manager(workdir / "checkpoints").all_steps() == [4, 8]
   params = checkpoint.restore(workdir / "params")
-  assert params["block_1"]["moe"]["experts"]["wi"].shape == (8, 32, 64)
+  assert sorted(params) == [
+      "block_0", "embed", "ln_f", "pos_embed", "unembed"
+  ]  # fmt: skip
+  assert params["block_0"]["moe"]["experts"]["wi"].shape == (8, 32, 64)
   with pytest.raises(Exception, match="unexpected arguments"):
     moe_train.main(["moe_train", "stray"])
 
@@ -311,8 +314,8 @@ def test_expert_parallel_run_on_8_devices_matches_one_device(
   )
   for a, b in zip(eight["history"], one["history"]):
     np.testing.assert_allclose(
-        a["layers"]["block_1"]["expert_load"],
-        b["layers"]["block_1"]["expert_load"],
+        a["layers"]["block_0"]["expert_load"],
+        b["layers"]["block_0"]["expert_load"],
         atol=1e-5,
     )
     np.testing.assert_allclose(a["drop_fraction"], b["drop_fraction"], 1e-5)

@@ -45,7 +45,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint_every = 250
   c.keep_checkpoints = 2
   if arg == "smoke":
+    # One block, an MoE one: the smallest program that exercises routing,
+    # dispatch, the experts and the aux losses (compiles in seconds).
     c.model_preset = "tiny"
+    c.model_overrides = ml_collections.ConfigDict(
+        {"num_layers": 1, "moe_every": 1}
+    )
     c.text = "zen"
     c.seq_len = 16
     c.batch_size = 16
