@@ -372,6 +372,39 @@ def _check_config(config, mesh) -> None:
     raise ValueError(f"seq_len must be >= 1, got {config.seq_len}")
 
 
+# Config fields a resumed run must share with the checkpoint (the rest is
+# bookkeeping, and the mesh may change: checkpoints restore onto any mesh).
+_RUN_FIELDS = (
+    "model_preset",
+    "model_overrides",
+    "text",
+    "validation_fraction",
+    "seq_len",
+    "batch_size",
+    "steps",
+    "learning_rate",
+    "warmup_steps",
+    "weight_decay",
+    "clip_norm",
+    "seed",
+)
+
+
+def _run_fields(config) -> dict[str, Any]:
+  d = config.to_dict()
+  return json.loads(json.dumps({k: d[k] for k in _RUN_FIELDS}))
+
+
+def _check_resume(saved: dict[str, Any], now: dict[str, Any]) -> None:
+  diff = sorted(k for k in now if k in saved and saved[k] != now[k])
+  if diff:
+    raise ValueError(
+        "the checkpoint in workdir was written with a different config ("
+        + ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in diff)
+        + "); use a fresh --workdir"
+    )
+
+
 def run(
     config,
     workdir: str | os.PathLike,
@@ -465,6 +498,7 @@ def run(
       )
       params, opt_state = state["params"], state["opt"]
       meta = manager.metadata(latest)
+      _check_resume(meta.get("run", {}), _run_fields(config))
       history, evals = meta["history"], meta["evals"]
       losses, start = meta["train_losses"], latest
       log(f"{prefix}resumed from step {latest} ({workdir / 'checkpoints'})")
@@ -529,6 +563,7 @@ def run(
             n,
             {"params": params, "opt": opt_state},
             metadata={
+                "run": _run_fields(config),
                 "history": history,
                 "evals": evals,
                 "train_losses": losses,

@@ -34,6 +34,7 @@ sys.path.insert(0, str(_ROOT / "experiments"))
 
 import binaries  # noqa: E402
 import moe_train_lib  # noqa: E402
+from configs import moe_train as moe_train_config  # noqa: E402
 
 P = jax.sharding.PartitionSpec
 _SMOKE = f"--config={_ROOT / 'experiments/configs/moe_train.py'}:smoke"
@@ -250,6 +251,16 @@ def test_smoke_in_process_one_device(smoke_run):
   assert params["block_0"]["moe"]["experts"]["wi"].shape == (8, 32, 64)
   with pytest.raises(Exception, match="unexpected arguments"):
     binaries.load("moe_train").main(["moe_train", "stray"])
+
+
+def test_resume_refuses_a_different_config(smoke_run, tmp_path):
+  shutil.copytree(smoke_run / "checkpoints", tmp_path / "checkpoints")
+  config = moe_train_config.get_config("smoke")
+  config.learning_rate = 1.0
+  with pytest.raises(ValueError, match="learning_rate: 0.003 -> 1.0"):
+    moe_train_lib.run(
+        config, tmp_path, mesh_spec="data=1,expert=1", log=lambda _: None
+    )
 
 
 # ----------------------------------------------------------------------------
