@@ -154,6 +154,35 @@ def main() -> int:
     check(False, "6 experts on 8 devices: no error")
   except ValueError as e:
     check("6 experts" in str(e), f"6 experts on 8 devices: {e}")
+  # Local backends on an explicit-axis mesh with group-sharded tokens.
+  mesh_e = mtx.sharding.make_mesh((8,), ("data",))
+  xg = jax.random.normal(jax.random.key(5), (8, 12, x.shape[-1]))
+  xg_s = jax.device_put(xg, jax.sharding.NamedSharding(mesh_e, P("data")))
+  with jax.set_mesh(mesh_e):
+    for backend in ("sort", "einsum"):
+      f = jax.jit(
+          lambda p, v, b=backend: moe.apply(
+              p,
+              v,
+              num_selected=2,
+              capacity_factor=1.0,
+              backend=b,
+              num_groups=8,
+          )[0]
+      )
+      want = moe.apply(
+          make_params(0),
+          xg,
+          num_selected=2,
+          capacity_factor=1.0,
+          backend=backend,
+          num_groups=8,
+      )[0]
+      got = f(make_params(0), xg_s)
+      check(
+          np.allclose(got, want, atol=1e-5),
+          f"{backend} on an explicit mesh differs",
+      )
   print("passed" if not check.failures else f"{check.failures} failures")
   return 1 if check.failures else 0
 

@@ -494,7 +494,7 @@ def dispatch_sort(
   src = jax.vmap(
       lambda sl: jnp.full((e * c,), s, jnp.int32).at[sl].set(token, mode="drop")
   )(slot)
-  x_pad = jnp.concatenate([x_GSD, jnp.zeros((g, 1, dim), x_GSD.dtype)], 1)
+  x_pad = jnp.pad(x_GSD, ((0, 0), (0, 1), (0, 0)))  # keeps G's sharding
   return jax.vmap(lambda xg, i: xg[i])(x_pad, src).reshape(g, e, c, dim)
 
 
@@ -515,9 +515,7 @@ def combine_sort(
     )(contrib, r.token_index)
   k = r.expert_index.shape[-1]
   slot = _slots(r, c, e).reshape(g, s * k)
-  o_pad = jnp.concatenate(
-      [o.reshape(g, e * c, dim), jnp.zeros((g, 1, dim), o.dtype)], 1
-  )
+  o_pad = jnp.pad(o.reshape(g, e * c, dim), ((0, 0), (0, 1), (0, 0)))
   back = jax.vmap(lambda og, i: og[i])(o_pad, slot).reshape(g, s, k, dim)
   return jnp.einsum("gskd,gsk->gsd", back, r.weight)
 
