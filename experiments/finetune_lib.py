@@ -102,6 +102,7 @@ def run(
     datasets: dict[str, data_lib.Dataset] | None = None,
     kill_at_step: int | None = None,
     log: Callable[[str], None] = logging.info,
+    encoder: models.Model | None = None,
 ) -> dict[str, Any]:
   """Fine-tunes per ``config``, resuming from ``workdir`` if possible.
 
@@ -112,6 +113,8 @@ def run(
       (:class:`mtx.data.Dataset`) instead of ``config.dataset``.
     kill_at_step: testing only; SIGKILL after this step.
     log: progress sink.
+    encoder: optional encoder :class:`mtx.models.Model` instead of the one
+      ``config.model`` names (e.g. CLIP's vision tower; the suite's clip8).
 
   Returns:
     The metrics dict also written to ``workdir/metrics.json``.
@@ -124,9 +127,12 @@ def run(
   if missing:
     raise ValueError(f"datasets lacks split(s) {sorted(missing)}")
   num_classes = ds["train"].num_classes
-  encoder = models.get(
-      config.model, config.model_preset or None, **dict(config.model_overrides)
-  )
+  if encoder is None:
+    encoder = models.get(
+        config.model,
+        config.model_preset or None,
+        **dict(config.model_overrides),
+    )
   clf = models.classifier(encoder, num_classes)
 
   pre_path = workdir / "pretrained"
