@@ -1,23 +1,25 @@
 """The multi-task benchmark behind experiments/suite.py (no flags here).
 
 Stages, each cached under the work directory (skipped when its outputs are
-present and were made from the same inputs and config):
+present and were made from the same inputs and config; see ``STAMP``):
 
 1. ``data``: the suite's tasks (:mod:`mtx.data.tasks`), train / validation /
    test splits.
 2. ``pretrain``: a backbone pretrained without any task's labels — rotation
    prediction on the union of the tasks' train images
-   (``experiments/finetune_lib.run`` with a trainable head) — or, for
-   ``clip8``, CLIP's vision tower with zero-shot heads from class-name
-   prompts.
-3. ``finetune/<mode>/<task>``: per task a head fitted on the pretrained
-   features and frozen (the analogue of CLIP's zero-shot head), then the
-   encoder fine-tuned, standard and linearised (``finetune_lib.run``).
+   (``experiments/finetune_lib.run`` with a trainable head) — then
+   ``heads/<task>``: per task a frozen head of unit class embeddings, the
+   normalised mean pretrained feature of each class (features L2-normalised,
+   logits ``logit_scale · cos``: the analogue of CLIP's zero-shot head). For
+   ``clip8`` the backbone is CLIP's vision tower and the heads are CLIP's
+   zero-shot heads from class-name prompts.
+3. ``finetune/<mode>/<task>``: the encoder fine-tuned per task, head frozen,
+   standard and linearised (``finetune_lib.run``).
 4. ``evaluate/<mode>``: every registered merging method on the encoders'
    task vectors, ``scale`` and the other hyperparameters chosen on the
    validation splits (each sweep one vmapped, jitted program), TALL-mask
-   retrieval, the cosine similarities of the task vectors and the weight
-   disentanglement error ξ.
+   retrieval, each fine-tuned model on every task, the cosine similarities of
+   the task vectors and the weight disentanglement error ξ.
 5. ``report``: ``results.json``, ``results.md`` and PNG plots.
 
 Every merged model is evaluated with each task's own frozen head, as in the
@@ -67,6 +69,12 @@ SCALE_FREE = (
     "regmean",
     "slerp",
 )
+# Methods whose grid is merged point by point (jax.lax.map) inside the one
+# compiled program instead of vmapped: RegMean's batched linear solves, eight
+# or more in one program, deadlock XLA's CPU runtime on a 2-thread pool
+# (jaxlib 0.10; avoided by XLA_FLAGS=
+# --xla_cpu_enable_concurrency_optimized_scheduler=false).
+SEQUENTIAL_SWEEP = ("regmean",)
 STAMP = "suite_stage.json"
 Log = Callable[[str], None]
 
@@ -544,6 +552,7 @@ def finetune(
   names = list(suite.tasks)
   modes = as_list(config.modes)
   total = len(names) * len(modes)
+  cached = 0
   done = 0
   t_stage = time.time()
   with timer.start("finetune", 3, 5, f"{len(names)} tasks x {modes}"):
@@ -569,6 +578,7 @@ def finetune(
         tag = f"[finetune {mode} {done + 1}/{total}: {n}]"
         if stage_done(d, fp, ["pretrained", "finetuned", "metrics.json"]):
           log(f"{tag} cached")
+          cached += 1
         else:
           stage_begin(d, fp)
           finetune_lib.run(
@@ -588,6 +598,7 @@ def finetune(
             f" {rate * (total - done):.0f}s"
         )
         out[mode][n] = d
+  timer.cached["finetune"] = cached == total
   return out
 
 
@@ -939,6 +950,8 @@ class ModeEval:
         )
         return jax.tree.map(lambda p, t: (p + t).astype(p.dtype), params0, tv)
 
+      if merger.name in SEQUENTIAL_SWEEP:
+        return jax.lax.map(one, c)
       return jax.vmap(one)(c)
 
     return merged
@@ -1173,7 +1186,6 @@ def run(config, workdir: str | os.PathLike, *, log: Log = logging.info) -> dict:
     if config.head == "prototype":
       suite.heads = prototype_heads(config, suite, work, pre, log)
   runs = finetune(config, suite, work, pre, timer, log)
-  timer.cached["finetune"] = False
   modes = {}
   with timer.start("evaluate", 4, 5, "every merging method, both modes"):
     for mode in as_list(config.modes):
@@ -1219,6 +1231,7 @@ def run(config, workdir: str | os.PathLike, *, log: Log = logging.info) -> dict:
       "runs (as recorded when trained)": stage_seconds,
   }
   results["cached"] = timer.cached
+  (work / "results.md").write_text(markdown(results))  # with the timing
   _write_json(work / "results.json", results)
   log(f"[suite] done in {time.time() - timer.t0:.0f}s; results in {work}")
   return results
@@ -1398,7 +1411,9 @@ def plots(results: dict, work: Path) -> list[str]:
 
   # 1. Bar chart: normalized accuracy of every method, both modes.
   names = _row_order(results["modes"][modes[0]]["rows"])
-  fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names) + 2), 4))
+  fig, ax = plt.subplots(
+      figsize=(max(6, 0.6 * len(names) + 2), 4.5), layout="constrained"
+  )
   width = 0.8 / len(modes)
   for j, mode in enumerate(modes):
     rows = results["modes"][mode]["rows"]
@@ -1410,17 +1425,17 @@ def plots(results: dict, work: Path) -> list[str]:
   ax.axhline(100, color="k", lw=0.5)
   ax.legend()
   ax.set_title(f"{results['suite']}: merging methods (test)")
-  fig.tight_layout()
   files.append(_save(fig, work / "methods.png"))
 
   # 2. Heat map: per-task accuracy of every method.
   fig, axes = plt.subplots(
       1,
       len(modes),
-      figsize=(1 + 0.9 * len(tasks) * len(modes) + 2, 0.35 * len(names) + 2),
+      figsize=(2.5 + 0.8 * len(tasks) * len(modes), 0.35 * len(names) + 2.5),
       squeeze=False,
+      layout="constrained",
   )
-  for ax, mode in zip(axes[0], modes):
+  for j, (ax, mode) in enumerate(zip(axes[0], modes)):
     rows = results["modes"][mode]["rows"]
     ns = [n for n in names if n in rows]
     a = np.asarray([[100 * rows[n]["per_task"][t] for t in tasks] for n in ns])
@@ -1428,7 +1443,7 @@ def plots(results: dict, work: Path) -> list[str]:
     ax.set_xticks(range(len(tasks)))
     ax.set_xticklabels(tasks, rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(len(ns)))
-    ax.set_yticklabels(ns, fontsize=7)
+    ax.set_yticklabels(ns if j == 0 else [], fontsize=7)
     for i in range(a.shape[0]):
       for k in range(a.shape[1]):
         ax.text(
@@ -1437,60 +1452,64 @@ def plots(results: dict, work: Path) -> list[str]:
             f"{a[i, k]:.0f}",
             ha="center",
             va="center",
-            fontsize=5,
+            fontsize=6,
             color="w",
         )
-    ax.set_title(f"{mode}: test accuracy (%)")
-  fig.colorbar(im, ax=axes[0].tolist())
+    ax.set_title(f"{mode}: test accuracy (%)", fontsize=9)
+  fig.colorbar(im, ax=axes[0].tolist(), shrink=0.6)
   files.append(_save(fig, work / "per_task.png"))
 
   # 3. Cosine similarity of the task vectors.
   fig, axes = plt.subplots(
-      1, len(modes), figsize=(4.5 * len(modes), 4), squeeze=False
+      1,
+      len(modes),
+      figsize=(1.5 + 4.5 * len(modes), 4.5),
+      squeeze=False,
+      layout="constrained",
   )
-  for ax, mode in zip(axes[0], modes):
+  for j, (ax, mode) in enumerate(zip(axes[0], modes)):
     c = np.asarray(results["modes"][mode]["cosine"])
     im = ax.imshow(c, cmap="RdBu_r", vmin=-1, vmax=1)
     ax.set_xticks(range(len(tasks)))
     ax.set_xticklabels(tasks, rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(len(tasks)))
-    ax.set_yticklabels(tasks, fontsize=7)
+    ax.set_yticklabels(tasks if j == 0 else [], fontsize=7)
     for i in range(len(tasks)):
       for k in range(len(tasks)):
-        ax.text(k, i, f"{c[i, k]:.2f}", ha="center", va="center", fontsize=5)
-    ax.set_title(f"{mode}: cos(τi, τj)")
-  fig.colorbar(im, ax=axes[0].tolist())
+        ax.text(k, i, f"{c[i, k]:.2f}", ha="center", va="center", fontsize=6)
+    ax.set_title(f"{mode}: cos(τi, τj)", fontsize=9)
+  fig.colorbar(im, ax=axes[0].tolist(), shrink=0.7)
   files.append(_save(fig, work / "cosine.png"))
 
-  # 4. Disentanglement error grids.
+  # 4. Disentanglement error grids, one row per task pair.
   npairs = len(results["modes"][modes[0]]["xi"])
   fig, axes = plt.subplots(
       npairs,
       len(modes),
-      figsize=(4.2 * len(modes), 3.6 * npairs),
+      figsize=(1.5 + 4 * len(modes), 3.6 * npairs),
       squeeze=False,
+      layout="constrained",
   )
   vmax = max(
-      max(max(map(max, x["grid"])) for x in results["modes"][m]["xi"])
-      for m in modes
+      float(np.max(x["grid"])) for m in modes for x in results["modes"][m]["xi"]
   )
   for j, mode in enumerate(modes):
     for i, x in enumerate(results["modes"][mode]["xi"]):
       ax = axes[i][j]
-      g = np.asarray(x["grid"])
-      al = x["alphas"]
+      al = np.asarray(x["alphas"])
+      h = (al[1] - al[0]) / 2 if len(al) > 1 else 0.5
       im = ax.imshow(
-          g.T,
+          np.asarray(x["grid"]).T,
           origin="lower",
           cmap="magma_r",
           vmin=0,
           vmax=max(vmax, 1e-6),
-          extent=(al[0], al[-1], al[0], al[-1]),
+          extent=(al[0] - h, al[-1] + h, al[0] - h, al[-1] + h),
       )
-      ax.set_xlabel(f"α1 ({x['pair'][0]})")
-      ax.set_ylabel(f"α2 ({x['pair'][1]})")
+      ax.set_xlabel(f"α1 ({x['pair'][0]})", fontsize=8)
+      ax.set_ylabel(f"α2 ({x['pair'][1]})", fontsize=8)
       ax.set_title(f"{mode}: ξ, mean {x['mean']:.3f}", fontsize=9)
-  fig.colorbar(im, ax=[a for r in axes for a in r])
+  fig.colorbar(im, ax=[a for r in axes for a in r], shrink=0.7)
   files.append(_save(fig, work / "disentanglement.png"))
   return files
 

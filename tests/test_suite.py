@@ -217,7 +217,7 @@ def test_pipeline_tiny_end_to_end_cached_rerun(tmp_path):
   stamps = sorted(tmp_path.glob("finetune/*/*/finetuned"))
   before = {p: p.stat().st_mtime for p in stamps}
   res2, seconds = _run(tmp_path)
-  assert res2["cached"]["pretrain"]
+  assert res2["cached"]["pretrain"] and res2["cached"]["finetune"]
   assert res2["cached"]["evaluate/standard"]
   assert res2["cached"]["evaluate/linearized"]
   assert {p: p.stat().st_mtime for p in stamps} == before
