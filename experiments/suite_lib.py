@@ -890,10 +890,19 @@ class ModeEval:
 
   def row(self, accs: np.ndarray, hparams=None, **extra) -> dict:
     accs = np.asarray(accs, np.float64)
+    n = self.test.counts
     r = {
         "per_task": {n: float(a) for n, a in zip(self.names, accs)},
         "absolute": float(np.mean(accs)),
         "normalized": float(np.mean(accs / self.ind_test)),
+        # Binomial standard error of the two means over the test examples.
+        "absolute_se": float(
+            np.sqrt(np.sum(accs * (1 - accs) / n)) / len(accs)
+        ),
+        "normalized_se": float(
+            np.sqrt(np.sum(accs * (1 - accs) / n / self.ind_test**2))
+            / len(accs)
+        ),
         "hparams": hparams or {},
     }
     r.update(extra)
@@ -1107,9 +1116,13 @@ def evaluate_mode(config, suite: Suite, runs, mode: str, log: Log) -> dict:
       kw = {"grams": [{}] * t}
     m = mtx.merging.get(name, **kw)
     if t < m.min_tasks or (m.max_tasks is not None and t > m.max_tasks):
-      skipped[name] = (
-          f"takes {m.min_tasks}-{m.max_tasks or 'any'} models; the suite has {t}"
-      )
+      if m.max_tasks == m.min_tasks:
+        takes = f"exactly {m.min_tasks}"
+      elif m.max_tasks is None:
+        takes = f"at least {m.min_tasks}"
+      else:
+        takes = f"{m.min_tasks} to {m.max_tasks}"
+      skipped[name] = f"merges {takes} models; the suite has {t}"
     else:
       runnable.append(name)
   # TALL masks first: Consensus uses the per-task λ chosen here.
@@ -1241,8 +1254,22 @@ def run(config, workdir: str | os.PathLike, *, log: Log = logging.info) -> dict:
 # The field's known behaviour, checked on the results.
 
 
+def _se_diff(r1: dict, r2: dict, key: str) -> float | None:
+  """Standard error of the difference of two rows' means (unpaired, so
+  conservative: both are evaluated on the same test examples)."""
+  a, b = r1.get(f"{key}_se"), r2.get(f"{key}_se")
+  if a is None or b is None:
+    return None
+  return float(np.hypot(a, b))
+
+
 def checks(modes: dict) -> dict[str, dict]:
-  """Whether the results reproduce the behaviours the literature reports."""
+  """Whether the results reproduce the behaviours the literature reports.
+
+  Comparisons of two means also carry ``se``, the standard error of their
+  difference; the report marks a failed comparison that lies within two
+  standard errors as such (the test sets cannot tell the two apart).
+  """
   out = {}
   for mode, m in modes.items():
     r = m["rows"]
@@ -1265,6 +1292,7 @@ def checks(modes: dict) -> dict[str, dict]:
           out[f"{mode}: {other} >= task arithmetic (normalized)"] = {
               "holds": r[other]["normalized"] >= ta["normalized"] - 1e-9,
               "detail": [r[other]["normalized"], ta["normalized"]],
+              "se": _se_diff(r[other], ta, "normalized"),
           }
     tall = r.get("tall_mask_retrieval")
     if tall is not None:
@@ -1280,6 +1308,11 @@ def checks(modes: dict) -> dict[str, dict]:
       out["linearized improves normalized task-addition accuracy"] = {
           "holds": b > a,
           "detail": [a, b],
+          "se": _se_diff(
+              s["rows"]["task_arithmetic"],
+              lin["rows"]["task_arithmetic"],
+              "normalized",
+          ),
       }
     xs = [x["mean"] for x in s["xi"]]
     xl = [x["mean"] for x in lin["xi"]]
@@ -1386,7 +1419,14 @@ def markdown(results: dict) -> str:
         d = ", ".join(f"{t} {100 * g:+.1f}" for t, g in d.items())
       else:
         d = f"{d:.3f}"
-      lines.append(f"| {k} | {'yes' if v['holds'] else 'NO'} | {d} |")
+      verdict = "yes" if v["holds"] else "NO"
+      se = v.get("se")
+      if se and isinstance(v["detail"], list):
+        gap = abs(v["detail"][0] - v["detail"][1])
+        d += f" (difference {gap / se:.1f} s.e.)"
+        if not v["holds"] and gap < 2 * se:
+          verdict = "NO, within 2 s.e."
+      lines.append(f"| {k} | {verdict} | {d} |")
     lines.append("")
   if results.get("timing_s"):
     lines += ["## Time per stage (s)", ""]

@@ -177,6 +177,10 @@ def test_pipeline_tiny_end_to_end_cached_rerun(tmp_path):
       accs = [r["per_task"][t] for t in tasks]
       assert all(0.0 <= a <= 1.0 for a in accs)
       assert r["absolute"] == pytest.approx(np.mean(accs))
+      # 100 test examples per task: binomial standard error of the mean.
+      a = np.asarray(accs)
+      se = np.sqrt(np.sum(a * (1 - a) / 100)) / len(a)
+      assert r["absolute_se"] == pytest.approx(se, rel=1e-6)
       if name not in ("pretrained", "individual", "tall_mask_retrieval"):
         assert "scale" in r["hparams"] and "val_normalized" in r
     assert rows["ties"]["hparams"]["scale"] in (0.5, 1.0)
@@ -209,9 +213,8 @@ def test_pipeline_tiny_end_to_end_cached_rerun(tmp_path):
       if "scale" in r["hparams"]:
         assert f"scale={r['hparams']['scale']:g}" in cells[-1]
   for check, v in res["checks"].items():
-    assert re.search(
-        rf"\| {re.escape(check)} \| {'yes' if v['holds'] else 'NO'} \|", md
-    )
+    verdict = "yes" if v["holds"] else "NO(, within 2 s.e.)?"
+    assert re.search(rf"\| {re.escape(check)} \| {verdict} \|", md)
 
   # A rerun skips every stage whose outputs are there.
   stamps = sorted(tmp_path.glob("finetune/*/*/finetuned"))
@@ -397,3 +400,41 @@ def test_clip8_on_tiny_data_and_a_tiny_random_clip(tmp_path):
 def test_clip8_missing_data_says_how(tmp_path):
   with pytest.raises(FileNotFoundError, match="image folders"):
     tasks_lib.load_folder_suite(tmp_path, ["DTD"])
+
+
+def test_checks_mark_differences_within_noise():
+  def row(accs, ind=(0.9, 0.8)):
+    a, ind = np.asarray(accs), np.asarray(ind)
+    return {
+        "per_task": dict(zip("ab", accs)),
+        "absolute": float(a.mean()),
+        "normalized": float(np.mean(a / ind)),
+        "normalized_se": float(np.sqrt(np.sum(a * (1 - a) / 500 / ind**2))) / 2,
+        "hparams": {},
+    }
+
+  rows = {
+      "pretrained": row([0.5, 0.4]),
+      "individual": row([0.9, 0.8]),
+      "task_arithmetic": row([0.70, 0.60]),
+      "ties": row([0.70, 0.595]),  # below by 0.3 points: noise
+      "consensus": row([0.60, 0.50]),  # below by 10 points: real
+  }
+  res = suite_lib.checks({"standard": {"rows": rows, "xi": []}})
+  t = res["standard: ties >= task arithmetic (normalized)"]
+  c = res["standard: consensus >= task arithmetic (normalized)"]
+  assert not t["holds"] and not c["holds"]
+  want = np.hypot(
+      rows["ties"]["normalized_se"], rows["task_arithmetic"]["normalized_se"]
+  )
+  assert t["se"] == pytest.approx(want)
+  md = suite_lib.markdown(
+      {
+          "suite": "x",
+          "tasks": ["a", "b"],
+          "modes": {"standard": {"rows": rows, "xi": []}},
+          "checks": res,
+      }
+  )
+  assert re.search(r"\| standard: ties >= [^|]*\| NO, within 2 s\.e\. \|", md)
+  assert re.search(r"\| standard: consensus >= [^|]*\| NO \|", md)
