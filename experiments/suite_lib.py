@@ -146,18 +146,20 @@ def dataset_hash(splits: dict[str, data_lib.Dataset]) -> str:
   return _hash(*parts)
 
 
+def _read_stamp(directory: Path) -> dict | None:
+  """The stage stamp in ``directory``; None if absent or unreadable."""
+  try:
+    return json.loads((Path(directory) / STAMP).read_text())
+  except (OSError, ValueError):
+    return None
+
+
 def stage_done(
     directory: Path, fingerprint: str, outputs: Sequence[str]
 ) -> bool:
   """Whether a stage in ``directory`` finished with this fingerprint."""
-  stamp = directory / STAMP
-  if not stamp.exists():
-    return False
-  try:
-    s = json.loads(stamp.read_text())
-  except ValueError:
-    return False
-  if s.get("fingerprint") != fingerprint or not s.get("done"):
+  s = _read_stamp(directory)
+  if s is None or s.get("fingerprint") != fingerprint or not s.get("done"):
     return False
   for o in outputs:
     p = directory / o
@@ -172,18 +174,12 @@ def stage_done(
 def stage_begin(directory: Path, fingerprint: str) -> None:
   """Prepares ``directory`` for a stage: stale outputs (another fingerprint)
   are removed; a run with the same fingerprint resumes."""
-  stamp = directory / STAMP
   if directory.exists():
-    same = False
-    if stamp.exists():
-      try:
-        same = json.loads(stamp.read_text()).get("fingerprint") == fingerprint
-      except ValueError:
-        same = False
-    if not same:
+    s = _read_stamp(directory)
+    if s is None or s.get("fingerprint") != fingerprint:
       shutil.rmtree(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  _write_json(stamp, {"fingerprint": fingerprint, "done": False})
+  _write_json(directory / STAMP, {"fingerprint": fingerprint, "done": False})
 
 
 def stage_end(directory: Path, fingerprint: str) -> None:
@@ -605,9 +601,9 @@ def finetune(
 def _stage_fingerprint(directory: Path) -> str:
   """The fingerprint recorded by the stage that made ``directory``, else a
   content hash of it (a checkpoint given from outside)."""
-  stamp = Path(directory) / STAMP
-  if stamp.exists():
-    return json.loads(stamp.read_text()).get("fingerprint", "")
+  s = _read_stamp(directory)
+  if s is not None:
+    return s.get("fingerprint", "")
   p = Path(directory)
   return checkpoint.content_hash(p) if p.exists() else ""
 
@@ -851,16 +847,11 @@ class ModeEval:
     ]
     self.tvs = [mtree.sub(f, self.params0) for f in self.finetuned]
     self.stacked = mtree.stack(self.tvs)
-    self.metrics = {
-        n: json.loads((runs[n] / "metrics.json").read_text())["final"]
-        for n in self.names
-    }
     self.features = feature_fn(self.encoder, self.lin)
     val = {
         n: _cap(suite.tasks[n]["validation"], config.max_val_eval)
         for n in self.names
     }
-    self.val_data = val
     self.test_data = {n: suite.tasks[n]["test"] for n in self.names}
     self.train_data = suite.tasks
     self.val = Evaluator(
@@ -878,7 +869,6 @@ class ModeEval:
         batch_size=config.eval_batch_size,
     )
     # Reference accuracies.
-    self.pre_val = self.val.one(self.params0)
     self.pre_test = self.test.one(self.params0)
     ft = mtree.stack(self.finetuned)
     self.ind_val = np.diagonal(self.val(ft)).copy()
@@ -890,17 +880,17 @@ class ModeEval:
 
   def row(self, accs: np.ndarray, hparams=None, **extra) -> dict:
     accs = np.asarray(accs, np.float64)
-    n = self.test.counts
+    counts = self.test.counts
     r = {
         "per_task": {n: float(a) for n, a in zip(self.names, accs)},
         "absolute": float(np.mean(accs)),
         "normalized": float(np.mean(accs / self.ind_test)),
         # Binomial standard error of the two means over the test examples.
         "absolute_se": float(
-            np.sqrt(np.sum(accs * (1 - accs) / n)) / len(accs)
+            np.sqrt(np.sum(accs * (1 - accs) / counts)) / len(accs)
         ),
         "normalized_se": float(
-            np.sqrt(np.sum(accs * (1 - accs) / n / self.ind_test**2))
+            np.sqrt(np.sum(accs * (1 - accs) / counts / self.ind_test**2))
             / len(accs)
         ),
         "hparams": hparams or {},
@@ -981,7 +971,7 @@ class ModeEval:
   def sweep(self, merged, points: list[dict]) -> np.ndarray:
     """Validation accuracies ``[len(points), T]``: every chunk of grid
     points is merged by one vmapped program and evaluated at once."""
-    chunk, parts = self._chunks(points)
+    _, parts = self._chunks(points)
     out = [self.val(merged(self.stacked, self.params0, c)) for c in parts]
     return np.concatenate(out)[: len(points)]
 
@@ -1236,15 +1226,15 @@ def run(config, workdir: str | os.PathLike, *, log: Log = logging.info) -> dict:
       "config": _config_dict(config),
       "mtx_version": mtx.__version__,
   }
-  with timer.start("report", 5, 5, "tables and plots"):
-    write_report(results, work)
+  with timer.start("report", 5, 5, "plots"):
+    results["plots"] = [os.path.basename(f) for f in plots(results, work)]
   results["timing_s"] = {
       **timer.seconds,
       "total": time.time() - timer.t0,
       "runs (as recorded when trained)": stage_seconds,
   }
   results["cached"] = timer.cached
-  (work / "results.md").write_text(markdown(results))  # with the timing
+  (work / "results.md").write_text(markdown(results))
   _write_json(work / "results.json", results)
   log(f"[suite] done in {time.time() - timer.t0:.0f}s; results in {work}")
   return results
@@ -1560,8 +1550,3 @@ def _save(fig, path: Path) -> str:
   fig.savefig(path, dpi=120)
   plt.close(fig)
   return str(path)
-
-
-def write_report(results: dict, work: Path) -> None:
-  results["plots"] = [os.path.basename(p) for p in plots(results, work)]
-  (work / "results.md").write_text(markdown(results))
