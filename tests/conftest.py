@@ -7,8 +7,13 @@ utilities; ``--doctest-modules`` would otherwise import them.
 """
 
 import pathlib
+import sys
 
 _HERE = pathlib.Path(__file__).parent
+# `experiments` is a package at the repository root (`from experiments import
+# suite_lib`), importable in every pytest worker.
+if str(_HERE.parent) not in sys.path:
+  sys.path.insert(0, str(_HERE.parent))
 
 collect_ignore = [
     p.name
