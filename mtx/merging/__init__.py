@@ -28,7 +28,7 @@ from mtx.merging import lines as _lines
 from mtx.merging import pcb as _pcb
 from mtx.merging import svd
 from mtx.merging import ties as _ties
-from mtx.merging._core import Ctx, Merger, Stats
+from mtx.merging._core import Ctx, Merger, Source, Stats, prepare_leaves
 
 # name -> factory(**hparams) -> Merger. Explicit: nothing registers itself.
 METHODS: dict[str, Callable[..., Merger]] = {
@@ -129,4 +129,13 @@ def merge(
   )
 
 
-__all__ = ["METHODS", "Ctx", "Merger", "Stats", "get", "merge"]
+__all__ = [
+    "METHODS",
+    "Ctx",
+    "Merger",
+    "Source",
+    "Stats",
+    "get",
+    "merge",
+    "prepare_leaves",
+]
