@@ -5,7 +5,9 @@ distinct (router, backend, shape) compiles one program, so cases share
 shapes where they can.
 """
 
+import ast
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -754,3 +756,44 @@ def test_rank_wise_moe_lora():
   assert "router_z_loss" in aux
   with pytest.raises(ValueError, match="num_selected.*5"):
     lora.rank_apply(q, x, num_selected=5)
+
+
+# ----------------------------------------------------------------------------
+# Module structure.
+
+MOE_DIR = pathlib.Path(mtx.__file__).parent / "moe"
+
+
+def _moe_imports(name):
+  """The mtx.moe modules ``mtx/moe/<name>.py`` imports (also inside defs)."""
+  found = set()
+  for node in ast.walk(ast.parse((MOE_DIR / f"{name}.py").read_text())):
+    if isinstance(node, ast.ImportFrom) and node.module:
+      if node.module == "mtx.moe":
+        found.update(a.name for a in node.names)
+      elif node.module.startswith("mtx.moe."):
+        found.add(node.module.split(".")[2])
+    elif isinstance(node, ast.Import):
+      found.update(
+          a.name.split(".")[2]
+          for a in node.names
+          if a.name.startswith("mtx.moe.")
+      )
+  return found
+
+
+def test_moe_modules_do_not_import_each_other():
+  """No import cycle inside mtx.moe (layer -> sharded -> dispatch)."""
+  names = sorted(p.stem for p in MOE_DIR.glob("*.py") if p.stem != "__init__")
+  graph = {n: _moe_imports(n) & set(names) for n in names}
+  assert "layer" not in graph["sharded"], graph["sharded"]
+
+  def reach(n, seen):
+    for m in graph[n]:
+      if m not in seen:
+        seen.add(m)
+        reach(m, seen)
+    return seen
+
+  for n in names:
+    assert n not in reach(n, set()), f"import cycle through mtx.moe.{n}"

@@ -28,6 +28,8 @@ Add :func:`aux_loss` (load balance x 1e-2 + z-loss x 1e-3) to the task loss.
 Modules:
   routing: pure routers (top-k / Switch / GShard, expert choice, soft MoE,
     hash, random, task-conditioned logits) and their metrics.
+  dispatch: what both layers share: option checks, the routing plan and
+    call, dispatch/combine pairs, the expert MLP.
   layer: :func:`apply` with the ``einsum``, ``sort`` and ``ragged`` backends.
   sharded: expert parallelism with ``jax.shard_map`` + ``all_to_all``.
   lora: rank-wise MoE-LoRA and LoRA-experts layers on any linear kernel.
@@ -42,6 +44,7 @@ Modules:
 ((2, 6, 8), 8, ['capacity', 'drop_fraction', 'expert_fill'])
 """
 
+from mtx.moe import dispatch
 from mtx.moe import layer
 from mtx.moe import lora
 from mtx.moe import routing
@@ -63,6 +66,7 @@ __all__ = [
     "apply",
     "aux_loss",
     "capacity",
+    "dispatch",
     "expert_mlp",
     "init",
     "layer",

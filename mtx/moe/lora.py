@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from mtx import tree as mtree
-from mtx.moe import layer as _layer
+from mtx.moe import dispatch as _dispatch
 from mtx.moe import routing as _routing
 
 _acc = mtree.accum_dtype  # float32, or float64 under jax_enable_x64
@@ -131,7 +131,7 @@ def rank_init(
 def _rank_init(key, d_in, d_out, rank, router, nz, dtype, router_std):
   b = jnp.zeros((rank, d_out), dtype)
   if router == "explicit":
-    a, kernel = _layer._normals(key, ((d_in, rank), (d_in, rank)))
+    a, kernel = _dispatch.normals(key, ((d_in, rank), (d_in, rank)))
     return {
         "a": (a / math.sqrt(d_in)).astype(dtype),
         "b": b,
@@ -278,7 +278,7 @@ def experts_init(
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
 def _experts_init(key, d_in, d_out, e, rank, dtype, router_std):
-  a, kernel = _layer._normals(key, ((e, d_in, rank), (d_in, e)))
+  a, kernel = _dispatch.normals(key, ((e, d_in, rank), (d_in, e)))
   return {
       "router": {"kernel": router_std * kernel},
       "a": (a / math.sqrt(d_in)).astype(dtype),

@@ -43,8 +43,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from mtx import sharding
 from mtx import tree as mtree
-from mtx.moe import layer as _layer
+from mtx.moe import dispatch as _dispatch
 
 _acc = mtree.accum_dtype  # float32, or float64 under jax_enable_x64
 
@@ -82,8 +83,6 @@ def shard_params(
       leaf).
   """
   rules = [(r"^experts/", P(expert_axis)), (r".*", P())]
-  from mtx import sharding  # pylint: disable=g-import-not-at-top
-
   return sharding.shard(params, mesh, rules)
 
 
@@ -151,14 +150,14 @@ def apply(
   """
   opts = dict(options)
   opts.pop("backend", None)
-  opts = _layer._check_options(opts)
-  if router not in _layer.ROUTERS:
+  opts = _dispatch.check_options(opts)
+  if router not in _dispatch.ROUTERS:
     raise ValueError(
-        f"unknown router {router!r}; known: {list(_layer.ROUTERS)}"
+        f"unknown router {router!r}; known: {list(_dispatch.ROUTERS)}"
     )
-  if dispatch not in _layer._DISPATCH:
+  if dispatch not in _dispatch.DISPATCH:
     raise ValueError(
-        f"unknown dispatch {dispatch!r}; known: {sorted(_layer._DISPATCH)}"
+        f"unknown dispatch {dispatch!r}; known: {sorted(_dispatch.DISPATCH)}"
     )
   for ax in (data_axis, expert_axis):
     if ax not in mesh.shape:
@@ -166,7 +165,7 @@ def apply(
           f"mesh has no axis {ax!r}; its axes are {tuple(mesh.shape)}"
       )
   x = jnp.asarray(x)
-  e, d, _ = _layer._check_params(params, x)
+  e, d, _ = _dispatch.check_params(params, x)
   n_e = mesh.shape[expert_axis]
   n_dev = mesh.shape[data_axis] * n_e
   if e % n_e:
@@ -183,7 +182,7 @@ def apply(
         f"{n} tokens, got {g!r}"
     )
   s = n // g
-  plan = _layer._plan(
+  plan = _dispatch.make_plan(
       params,
       router=router,
       s=s,
@@ -192,9 +191,9 @@ def apply(
       capacity_factor=capacity_factor,
       opts=opts,
   )
-  task_ids = _layer._check_ids(opts["task_ids"], "task_ids", token_shape)
-  token_ids = _layer._check_ids(opts["token_ids"], "token_ids", token_shape)
-  _layer._check_inputs(router, opts, key, token_ids, task_ids, params)
+  task_ids = _dispatch.check_ids(opts["task_ids"], "task_ids", token_shape)
+  token_ids = _dispatch.check_ids(opts["token_ids"], "token_ids", token_shape)
+  _dispatch.check_inputs(router, opts, key, token_ids, task_ids, params)
   y, metrics = _apply_sharded(
       params,
       x,
@@ -220,17 +219,17 @@ def _apply_sharded(
   expert_axis = tokens[1]
   e = plan.num_experts
   g_local = g // (mesh.shape[tokens[0]] * mesh.shape[expert_axis])
-  dispatch_fn, combine_fn = _layer._DISPATCH[dispatch]
-  act = _layer._activation(plan.activation)
+  dispatch_fn, combine_fn = _dispatch.DISPATCH[dispatch]
+  act = _dispatch.get_activation(plan.activation)
   c = plan.capacity
 
   def body(params, x_GSD, task_ids, token_ids, key):
     g0 = jax.lax.axis_index(tokens) * g_local
-    r = _layer._route(
+    r = _dispatch.route(
         params["router"],
         x_GSD,
         plan,
-        keys_G=_layer._group_keys(key, g0, g_local),
+        keys_G=_dispatch.group_keys(key, g0, g_local),
         task_ids_GS=task_ids,
         token_ids_GS=token_ids,
     )
@@ -239,18 +238,18 @@ def _apply_sharded(
     x_GECD = jax.lax.all_to_all(
         x_GECD, expert_axis, split_axis=1, concat_axis=0, tiled=True
     )
-    o_GECD = _layer.expert_mlp(params["experts"], x_GECD, act)
+    o_GECD = _dispatch.expert_mlp(params["experts"], x_GECD, act)
     o_GECD = jax.lax.all_to_all(
         o_GECD, expert_axis, split_axis=0, concat_axis=1, tiled=True
     )
     y = combine_fn(o_GECD, r, c, e, x_GSD.shape[1])
     if "shared" in params:
-      y = y + _layer._shared(params["shared"], x_GSD, act).astype(_acc())
+      y = y + _dispatch.shared_mlp(params["shared"], x_GSD, act).astype(_acc())
     metrics = jax.tree.map(lambda m: jax.lax.pmean(m, tokens), r.metrics)
     return y.astype(x_GSD.dtype), metrics
 
-  task_ids = _layer._ids_GS(task_ids, x.shape[:-1], g)
-  token_ids = _layer._ids_GS(token_ids, x.shape[:-1], g, plan)
+  task_ids = _dispatch.ids_GS(task_ids, x.shape[:-1], g)
+  token_ids = _dispatch.ids_GS(token_ids, x.shape[:-1], g, plan)
   specs = param_specs(params, expert_axis=expert_axis)
   tok = P(tokens)
   none = P()

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from mtx import tree as mtree
-from mtx.moe import layer as _layer
+from mtx.moe import dispatch as _dispatch
 
 __all__ = ["GATE_MODES", "from_models", "prune", "upcycle"]
 
@@ -117,18 +117,18 @@ def _upcycle(wi, wo, key, noise_std, router_std, e):
   }
   if key is None:
     return {
-        "router": {"kernel": jnp.zeros((d, e), _layer._acc())},
+        "router": {"kernel": jnp.zeros((d, e), mtree.accum_dtype())},
         "experts": experts,
     }
   k_noise, k_router = jax.random.split(key)
   experts = _add_noise(experts, k_noise, noise_std)
-  kernel = router_std * _layer._normals(k_router, ((d, e),))[0]
+  kernel = router_std * _dispatch.normals(k_router, ((d, e),))[0]
   return {"router": {"kernel": kernel}, "experts": experts}
 
 
 def _add_noise(experts, key, std):
   names = sorted(experts)
-  z = _layer._normals(key, tuple(tuple(experts[n].shape) for n in names))
+  z = _dispatch.normals(key, tuple(tuple(experts[n].shape) for n in names))
   return {
       n: (experts[n].astype(jnp.float32) + std * zn).astype(experts[n].dtype)
       for n, zn in zip(names, z)
@@ -250,7 +250,7 @@ def _from_models(wis, wos, key, pos, neg, gate_mode, noise, res):
       wo = (wo.astype(jnp.float32) * res[t]).astype(wo.dtype)
     out_wi.append(wi)
     out_wo.append(wo)
-  acc = _layer._acc()
+  acc = mtree.accum_dtype()
   if gate_mode == "hidden":
     cols = []
     for t in range(e):
@@ -260,7 +260,7 @@ def _from_models(wis, wos, key, pos, neg, gate_mode, noise, res):
       cols.append(u / jnp.maximum(jnp.linalg.norm(u), 1e-8))
     kernel = jnp.stack(cols, axis=1)
   elif gate_mode == "random":
-    kernel = _layer._normals(k_gate, ((d, e),))[0].astype(acc)
+    kernel = _dispatch.normals(k_gate, ((d, e),))[0].astype(acc)
   else:
     bound = 1.0 / math.sqrt(d)
     kernel = jax.random.uniform(
