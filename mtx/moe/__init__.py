@@ -28,6 +28,8 @@ Add :func:`aux_loss` (load balance x 1e-2 + z-loss x 1e-3) to the task loss.
 Modules:
   routing: pure routers (top-k / Switch / GShard, expert choice, soft MoE,
     hash, random, task-conditioned logits) and their metrics.
+  assignment: what the routers share: routing layouts, capacity, losses,
+    buffer-slot assignment.
   dispatch: what both layers share: option checks, the routing plan and
     call, dispatch/combine pairs, the expert MLP.
   layer: :func:`apply` with the ``einsum``, ``sort`` and ``ragged`` backends.
@@ -44,6 +46,7 @@ Modules:
 ((2, 6, 8), 8, ['capacity', 'drop_fraction', 'expert_fill'])
 """
 
+from mtx.moe import assignment
 from mtx.moe import dispatch
 from mtx.moe import layer
 from mtx.moe import lora
@@ -60,6 +63,7 @@ from mtx.moe.routing import aux_loss
 from mtx.moe.routing import capacity
 
 __all__ = [
+    "assignment",
     "ACTIVATIONS",
     "BACKENDS",
     "ROUTERS",

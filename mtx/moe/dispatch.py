@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtx import tree as mtree
+from mtx.moe import assignment as _asg
 from mtx.moe import routing as _routing
 
 _acc = mtree.accum_dtype  # float32, or float64 under jax_enable_x64
@@ -257,13 +258,13 @@ def make_plan(
       raise ValueError(
           f"'router/kernel' has {width} outputs but there are {e} experts"
       )
-    num_selected = _routing._check_k(num_selected, e)
+    num_selected = _asg.check_k(num_selected, e)
     c = opts["capacity"]
     if c is None:
       c = _routing.capacity(s, e, num_selected, capacity_factor)
       dropless = capacity_factor is None
     else:
-      _routing._check_capacity(c)
+      _asg.check_capacity(c)
     if router == "expert_choice":
       c = min(c, s)
       dropless = False

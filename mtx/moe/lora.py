@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from mtx import tree as mtree
+from mtx.moe import assignment as _asg
 from mtx.moe import dispatch as _dispatch
 from mtx.moe import routing as _routing
 
@@ -209,7 +210,7 @@ def rank_apply(
   if x.shape[-1] != a.shape[0]:
     raise ValueError(f"x must have shape [..., {a.shape[0]}], got {x.shape}")
   r = a.shape[1]
-  k = _routing._check_k(num_selected, r)
+  k = _asg.check_k(num_selected, r)
   if "router" in params:
     kr = jnp.shape(params["router"]["kernel"])
     if kr != (a.shape[0], r):
@@ -229,7 +230,9 @@ def _rank_apply(params, x, k, scale):
   z = jnp.einsum("gsd,dr->gsr", x_GSD.astype(a.dtype), a).astype(_acc())
   if "router" in params:
     logits = _routing.router_logits(params["router"], x_GSD)
-    t = _routing._top_k(logits, None, k, None, True, False, "all", 0.0)
+    t = _routing.top_k_routing(
+        logits, num_selected=k, capacity=None, normalize=True
+    )
     idx, w, metrics = t.expert_index, t.weight * k, t.metrics
   else:
     score = jnp.abs(z) + jnp.asarray(params.get("bias", 0.0), _acc())
@@ -345,7 +348,7 @@ def experts_apply(
   e, d_in, _ = a.shape
   kernel = _check_linear(kernel, x, d_in, b.shape[2], "the LoRA experts")
   x = jnp.asarray(x)
-  k = _routing._check_k(num_selected, e)
+  k = _asg.check_k(num_selected, e)
   if jnp.shape(params["router"]["kernel"]) != (d_in, e):
     raise ValueError(
         f"'router/kernel' must be [{d_in}, {e}] (D_in, experts), got "
@@ -363,7 +366,9 @@ def _experts_apply(kernel, params, x, bias, k, normalize, scale):
   lead = x.shape[:-1]
   x_GSD = x.reshape(1, -1, d_in)
   logits = _routing.router_logits(params["router"], x_GSD)
-  t = _routing._top_k(logits, None, k, None, normalize, False, "all", 0.0)
+  t = _routing.top_k_routing(
+      logits, num_selected=k, capacity=None, normalize=normalize
+  )
   gate_GSE = jnp.einsum(
       "gske,gsk->gse", jax.nn.one_hot(t.expert_index, e), t.weight
   )
