@@ -28,23 +28,45 @@ output equals mtx.merging.merge on the loaded models. Outputs are written
 atomically (a temporary folder renamed into place); an existing --out is
 replaced only with --overwrite. Bad inputs end the run with a one-line error
 naming the file and tensor, and a non-zero exit status.
+
+This is a tool like MergeKit's ``mergekit-yaml``, not an experiment: it takes
+the merge on its flags (or a MergeKit YAML file as ``--config``), not an
+ml_collections config, and writes to ``--out`` rather than a workdir. It runs
+as ``python experiments/merge.py`` or ``python -m experiments.merge`` from
+the repository root; ``--help`` lists the methods and their hyperparameters.
+
+Safety: ``--out`` may not overlap an input (compared as real paths, so
+symlinks are seen through); inputs are checked against the content hashes
+their metadata records (``--noverify_inputs`` skips it); what a killed run
+left beside ``--out`` (marked ``.partial-*`` folders) is removed by the next
+run with the same ``--out``, and said so in the log. Tensors that are not
+floating point (integer position ids, masks) pass through from the base
+when identical in every model.
 """
 
 from __future__ import annotations
 
-import json
+if __package__ in (None, ""):  # run as a script: python experiments/merge.py
+  import pathlib
+  import sys
+
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from collections.abc import Sequence
 import os
 import time
-from collections.abc import Sequence
+import traceback
 
 from absl import app
 from absl import flags
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from experiments import merge_lib
 import mtx
+from mtx.io import atomic
 from mtx.io import mergekit
 from mtx.io import safetensors as st
 from mtx.io import streaming
@@ -56,7 +78,10 @@ _FINETUNED = flags.DEFINE_list(
     "finetuned", [], "Comma-separated fine-tuned checkpoints."
 )
 _METHOD = flags.DEFINE_string(
-    "method", None, "A merging method: a key of mtx.merging.METHODS."
+    "method",
+    None,
+    "A merging method (mtx.merging.METHODS); its hyperparameters go to "
+    "--hparam:\n" + merge_lib.methods_help(),
 )
 _HPARAM = flags.DEFINE_multi_string(
     "hparam",
@@ -114,62 +139,46 @@ _SHARD_RULE = flags.DEFINE_multi_string(
 _CHECK_FINITE = flags.DEFINE_bool(
     "check_finite", True, "Check every merged tensor for NaN/Inf first."
 )
+_VERIFY_INPUTS = flags.DEFINE_bool(
+    "verify_inputs",
+    True,
+    "Check every input against the content hashes its metadata records "
+    "(orbax and safetensors written by mtx); --noverify_inputs skips it.",
+)
 
-_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
-
-
-def parse_value(text: str):
-  """``"0.2"`` -> 0.2, ``"true"`` -> True, ``"[1, 2]"`` -> [1, 2], else str."""
-  try:
-    return json.loads(text)
-  except json.JSONDecodeError:
-    pass
-  low = text.strip().lower()
-  if low in ("true", "false"):
-    return low == "true"
-  if low == "none":
-    return None
-  return text
+# Errors reported as they are; anything else also names its type.
+_EXPECTED = (ValueError, OSError, KeyError, app.UsageError)
 
 
-def parse_hparams(items: Sequence[str]) -> dict:
-  out = {}
-  for item in items:
-    if "=" not in item:
-      raise app.UsageError(f"--hparam {item!r} must look like key=value")
-    k, v = item.split("=", 1)
-    k = k.strip()
-    if k in out:
-      raise app.UsageError(f"--hparam {k} is given twice")
-    out[k] = parse_value(v)
-  return out
-
-
-def _dtype(name: str | None):
-  if name is None:
-    return None
-  try:
-    dt = jnp.dtype(name)
-  except TypeError:
-    raise ValueError(f"unknown dtype {name!r}") from None
-  if not jnp.issubdtype(dt, jnp.floating):
-    raise ValueError(f"--dtype must be a floating dtype, got {name!r}")
-  return dt
+parse_hparams = merge_lib.parse_hparams  # the flag parsers
 
 
 def _mesh(text: str | None):
   if text is None:
     if _SHARD_RULE.value:
-      raise app.UsageError("--shard_rule needs --mesh")
+      raise ValueError("--shard_rule needs --mesh")
     return None, ()
-  shape, names = streaming.parse_mesh(text)
+  shape, names = merge_lib.parse_mesh(text)
   need = int(np.prod(shape))
   if need != jax.device_count():
     raise ValueError(
         f"--mesh {text} needs {need} devices; {jax.device_count()} found"
     )
-  rules = [streaming.parse_shard_rule(r) for r in _SHARD_RULE.value]
+  rules = [merge_lib.parse_shard_rule(r) for r in _SHARD_RULE.value]
   return mtx.sharding.make_mesh(shape, names), rules
+
+
+def _open(path: str) -> streaming.Model:
+  """Opens an input; a reader failure of any kind names the file."""
+  try:
+    return streaming.open_model(path, verify=_VERIFY_INPUTS.value)
+  except (ValueError, OSError):
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    msg = " ".join(str(e).split())[:300]
+    raise ValueError(
+        f"{path}: cannot be read ({type(e).__name__}: {msg})"
+    ) from None
 
 
 class _Progress:
@@ -200,33 +209,25 @@ class _Progress:
       )
 
 
-def _plan_from_flags():
+def _flag_plan():
+  """(pretrained, finetuned, spec, subdirs, record) from the flags."""
   if _PRETRAINED.value is None or not _FINETUNED.value or not _METHOD.value:
     raise app.UsageError(
         "give --pretrained, --finetuned and --method (or --config)"
     )
-  try:
-    scales = [float(s) for s in _SCALES.value]
-  except ValueError:
-    raise app.UsageError(f"--scales must be numbers: {_SCALES.value}") from None
-  if not scales:
-    raise app.UsageError("--scales is empty")
-  hparams = parse_hparams(_HPARAM.value)
+  scales = merge_lib.parse_scales(_SCALES.value)
+  hparams = merge_lib.parse_hparams(_HPARAM.value)
   spec = streaming.Spec.of(_METHOD.value, hparams, scales=scales)
-  spec.build()  # unknown hyperparameters fail before any file is read
+  try:
+    spec.build()  # unknown hyperparameters fail before any file is read
+  except ValueError as e:
+    raise ValueError(f"--method={_METHOD.value} / --hparam: {e}") from None
   subdirs = None if len(scales) == 1 else [f"scale_{s:g}" for s in scales]
   record = {"method": _METHOD.value, "hparams": hparams, "scales": scales}
-  return (
-      _PRETRAINED.value,
-      list(_FINETUNED.value),
-      spec,
-      subdirs,
-      None,
-      record,
-  )
+  return _PRETRAINED.value, list(_FINETUNED.value), spec, subdirs, record
 
 
-def _plan_from_config(path: str):
+def _config_recipe(path: str) -> mergekit.Recipe:
   for name, holder in [
       ("pretrained", _PRETRAINED),
       ("finetuned", _FINETUNED),
@@ -240,10 +241,24 @@ def _plan_from_config(path: str):
   recipe = mergekit.load(path)
   for note in recipe.notes:
     logging.warning("%s: %s", path, note)
-  pre = streaming.open_model(recipe.pretrained)
-  plan = recipe.plan(pre.paths)
-  record = {"mergekit_config": recipe.config, "method": recipe.method}
-  return pre, recipe.finetuned, plan, None, recipe.dtype, record
+  return recipe
+
+
+def _source_hashes(sources: Sequence[str]) -> dict[str, str]:
+  from mtx import checkpoint  # pylint: disable=g-import-not-at-top
+
+  hashes = {}
+  for src in sources:
+    files = [src]
+    if os.path.isdir(src):  # the weights (and config), not unrelated files
+      files = [
+          os.path.join(src, n)
+          for n in sorted(os.listdir(src))
+          if n.endswith((".safetensors", ".json"))
+      ] or [src]
+    hashes[src] = checkpoint.content_hash(files)
+  logging.info("hashed %d source checkpoints (sha256)", len(hashes))
+  return hashes
 
 
 def run(argv: Sequence[str]) -> list[str]:
@@ -252,32 +267,47 @@ def run(argv: Sequence[str]) -> list[str]:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not _OUT.value:
     raise app.UsageError("--out is required")
-  if _CONFIG.value:
-    pre, fts, plan, subdirs, cfg_dtype, record = _plan_from_config(
-        _CONFIG.value
-    )
-  else:
-    pre, fts, plan, subdirs, cfg_dtype, record = _plan_from_flags()
-  dtype = _dtype(_DTYPE.value or cfg_dtype)
+  out = os.path.abspath(_OUT.value)
+  # Every flag is parsed before any file is read.
+  try:
+    shard_size = st.parse_size(_SHARD_SIZE.value)
+  except ValueError as e:
+    raise ValueError(f"--shard_size: {e}") from None
   mesh, rules = _mesh(_MESH.value)
+  recipe = None
+  if _CONFIG.value:
+    recipe = _config_recipe(_CONFIG.value)
+    pre_path, ft_paths = recipe.pretrained, list(recipe.finetuned)
+    subdirs, cfg_dtype = None, recipe.dtype
+    record = {"mergekit_config": recipe.config, "method": recipe.method}
+  else:
+    pre_path, ft_paths, plan, subdirs, record = _flag_plan()
+    cfg_dtype = None
+  dtype = merge_lib.parse_dtype(_DTYPE.value or cfg_dtype)
+  inputs = [pre_path, *ft_paths] + ([_CONFIG.value] if recipe else [])
+  for src in inputs:
+    if atomic.overlapping(out, src):
+      raise ValueError(
+          f"--out={_OUT.value} overlaps the input {src} (real paths "
+          f"{os.path.realpath(out)} and {os.path.realpath(src)}); write the "
+          "output elsewhere"
+      )
+  if atomic.occupied(out) and not _OVERWRITE.value:
+    raise FileExistsError(f"--out={out} exists; pass --overwrite to replace it")
+  if atomic.reclaim(out):
+    logging.warning("reclaimed what interrupted runs left beside %s", out)
   t0 = time.time()
-  sources = [os.fspath(getattr(pre, "path", pre))] + [os.fspath(f) for f in fts]
-  hashes = {}
-  if _HASH_SOURCES.value:
-    from mtx import checkpoint  # pylint: disable=g-import-not-at-top
-
-    for src in sources:
-      if not os.path.exists(src):
-        continue  # reported by the merge itself, with its own message
-      files = [src]
-      if os.path.isdir(src):  # the weights (and config), not unrelated files
-        files = [
-            os.path.join(src, n)
-            for n in sorted(os.listdir(src))
-            if n.endswith((".safetensors", ".json"))
-        ] or [src]
-      hashes[src] = checkpoint.content_hash(files)
-    logging.info("hashed %d source checkpoints (sha256)", len(hashes))
+  pre = _open(pre_path)
+  fts = [_open(f) for f in ft_paths]
+  unverified = [m.path for m in (pre, *fts) if not m.verified]
+  if _VERIFY_INPUTS.value and unverified:
+    logging.info(
+        "no recorded content hashes to verify: %s", ", ".join(unverified)
+    )
+  if recipe is not None:
+    plan = recipe.plan(pre.paths)
+  sources = [os.fspath(m.path) for m in (pre, *fts)]
+  hashes = _source_hashes(sources) if _HASH_SOURCES.value else {}
   metadata = {
       "mtx_merge": {
           **record,
@@ -295,12 +325,13 @@ def run(argv: Sequence[str]) -> list[str]:
       pre,
       fts,
       plan,
-      _OUT.value,
+      out,
       subdirs=subdirs,
       output_format=_FORMAT.value,
-      shard_size=st.parse_size(_SHARD_SIZE.value),
+      shard_size=shard_size,
       overwrite=_OVERWRITE.value,
       metadata=metadata,
+      verify=_VERIFY_INPUTS.value,
       key=jax.random.key(_SEED.value),
       include=_INCLUDE.value,
       exclude=_EXCLUDE.value,
@@ -314,15 +345,35 @@ def run(argv: Sequence[str]) -> list[str]:
   return outputs
 
 
+def one_line(e: BaseException) -> str:
+  """``merge: error: <message>``, on one line; errors other than bad input
+  (a bug) also name their type."""
+  if isinstance(e, KeyError) and e.args:
+    msg = str(e.args[0])
+  elif isinstance(e, _EXPECTED):
+    msg = str(e)
+  else:
+    msg = f"{type(e).__name__}: {e}"
+  return "merge: error: " + (" ".join(msg.split()) or type(e).__name__)
+
+
 def main(argv: Sequence[str]) -> None:
   try:
     outputs = run(argv)
-  except _ERRORS as e:
-    msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-    raise SystemExit("merge: error: " + " ".join(msg.split())) from None
+  except Exception as e:  # pylint: disable=broad-except
+    logging.vlog(1, "%s", traceback.format_exc())  # shown with -v 1
+    raise SystemExit(one_line(e)) from None
   for o in outputs:
     print(o)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with its errors as one line (not the usage)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    raise SystemExit(one_line(ValueError(e))) from None
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -17,6 +17,7 @@ import pytest
 import binaries
 import mtx
 from mtx.io import safetensors as st
+from mtx.io import engine
 from mtx.io import streaming
 
 _ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
@@ -126,7 +127,7 @@ def test_streamed_merge_is_bitwise_the_in_memory_merge(
     tmp_path, monkeypatch, method, hparams, scale, part_entries
 ):
   if part_entries:  # large leaves read (and merged) in row ranges
-    monkeypatch.setattr(streaming, "PART_ENTRIES", part_entries)
+    monkeypatch.setattr(engine, "PART_ENTRIES", part_entries)
   pre, fts = _models(tmp_path, shard=3000)
   key = jax.random.key(3)
   want = _in_memory(
@@ -328,7 +329,7 @@ def test_binary_usage_errors(binary, tmp_path):
   with flagsaver.flagsaver(
       pretrained=pre, finetuned=fts, method="ties", out=str(tmp_path / "o")
   ):
-    with pytest.raises(Exception, match="unexpected arguments"):
+    with pytest.raises(SystemExit, match="unexpected arguments"):
       binary.main(["merge", "stray"])
   with flagsaver.flagsaver(
       pretrained=pre,
@@ -337,7 +338,7 @@ def test_binary_usage_errors(binary, tmp_path):
       hparam=["density"],
       out=str(tmp_path / "o"),
   ):
-    with pytest.raises(Exception, match="key=value"):
+    with pytest.raises(SystemExit, match="key=value"):
       binary.main(["merge"])
   assert binary.parse_hparams(["a=0.5", "b=true", "c=[1, 2]", "d=x"]) == {
       "a": 0.5,

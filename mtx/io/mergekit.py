@@ -3,7 +3,7 @@
 :func:`load` (or :func:`parse`) reads a MergeKit config for a method both
 libraries implement and returns a :class:`Recipe`: the pretrained and
 fine-tuned checkpoints, the output dtype, and ``recipe.plan(names)``, which
-gives every tensor its :class:`mtx.io.streaming.Spec` (MergeKit evaluates
+gives every tensor its :class:`mtx.io.plan.Spec` (MergeKit evaluates
 parameters per tensor: layer gradients such as ``weight: [0, 0.5, 1]`` and
 ``filter`` conditions, so specs may differ between tensors). Everything
 MergeKit would read but mtx cannot reproduce is an error naming the key;
@@ -86,7 +86,7 @@ import os
 import re
 from typing import Any
 
-from mtx.io.streaming import Spec
+from mtx.io.plan import Spec
 
 PathLike = str | os.PathLike
 
@@ -295,7 +295,7 @@ class Recipe:
   _layer_range: tuple[int, int] | None = None
 
   def plan(self, names: Sequence[str]) -> dict[str, Spec]:
-    """The :class:`~mtx.io.streaming.Spec` of every tensor in ``names``.
+    """The :class:`~mtx.io.plan.Spec` of every tensor in ``names``.
 
     Raises:
       ValueError: a required parameter missing for a tensor, a value mtx
