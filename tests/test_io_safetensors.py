@@ -3,12 +3,14 @@ package both ways, sharding, atomicity and validation of corrupt files."""
 
 import json
 import os
+import re
 import struct
 
 import ml_dtypes
 import numpy as np
 import pytest
 
+from mtx.io import _st_write
 from mtx.io import safetensors as st
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
@@ -68,11 +70,14 @@ def test_round_trip_every_dtype(tmp_path):
   assert st.open_checkpoint(path).metadata == {"k": "v"}
 
 
-def test_read_is_memory_mapped_and_read_only(tmp_path):
+def test_read_is_an_aligned_read_only_copy(tmp_path):
   path = tmp_path / "a.safetensors"
   st.write(path, {"w": np.ones((64, 64), np.float32)})
   a = st.read(path)["w"]
-  assert not a.flags.writeable and not a.flags.owndata
+  assert not a.flags.writeable and a.ctypes.data % 64 == 0
+  os.unlink(path)  # the array owns its bytes: nothing is mapped
+  assert float(a.sum()) == 64 * 64
+  st.write(path, {"w": np.ones((64, 64), np.float32)})
   with pytest.raises(ValueError):
     a[0, 0] = 2.0
   ckpt = st.open_checkpoint(path)
@@ -88,9 +93,19 @@ def test_read_is_memory_mapped_and_read_only(tmp_path):
 def test_byte_identical_to_the_safetensors_package(tmp_path, metadata):
   tensors = {k: v for k, v in _tensors().items()}
   ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.st"
-  st.write(ours, tensors, metadata=metadata)
+  st.write(ours, tensors, metadata=metadata, hashes=False)
   safetensors_numpy.save_file(tensors, str(theirs), metadata=metadata)
   assert ours.read_bytes() == theirs.read_bytes()
+  # With hashes: what the package writes given the same __metadata__ (the
+  # same header as JSON; it orders metadata keys as its hash map does).
+  st.write(ours, tensors, metadata=metadata)
+  _, meta = st.read_header(ours)
+  assert set(json.loads(meta[st.HASH_KEY])) == set(tensors)
+  safetensors_numpy.save_file(tensors, str(theirs), metadata=meta)
+  a, b = ours.read_bytes(), theirs.read_bytes()
+  n = int.from_bytes(a[:8], "little")
+  assert a[:8] == b[:8] and a[8 + n :] == b[8 + n :]
+  assert json.loads(a[8 : 8 + n]) == json.loads(b[8 : 8 + n])
 
 
 def test_the_safetensors_package_reads_ours_and_we_read_theirs(tmp_path):
@@ -239,9 +254,9 @@ def test_write_interrupted_mid_file_keeps_the_old_file(tmp_path, monkeypatch):
       raise OSError("disk full")
     return memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
 
-  monkeypatch.setattr(st, "_bytes_of", failing)
+  monkeypatch.setattr(_st_write, "_bytes_of", failing)
   with pytest.raises(OSError, match="disk full"):
-    st.write(path, {"x": np.zeros(3), "y": np.zeros(4)})
+    st.write(path, {"x": np.zeros(3), "y": np.zeros(4)}, hashes=False)
   monkeypatch.undo()
   np.testing.assert_array_equal(st.read(path)["a"], np.ones(2))
   assert os.listdir(tmp_path) == ["f.safetensors"]
@@ -397,3 +412,255 @@ def test_missing_paths(tmp_path):
     st.open_checkpoint(tmp_path)
   with pytest.raises(KeyError, match="'zz'"):
     st.open_checkpoint(_valid(tmp_path)).info("zz")
+
+
+# -- content hashes ---------------------------------------------------------------
+
+
+def _data_range(path, name):
+  info = st.open_checkpoint(path).info(name)
+  return info.start, info.end
+
+
+def _flip(path, pos):
+  with open(path, "r+b") as f:
+    f.seek(pos)
+    b = f.read(1)
+    f.seek(pos)
+    f.write(bytes([b[0] ^ 0x10]))
+
+
+def test_hashes_recorded_and_read_by_the_safetensors_package(tmp_path):
+  path = tmp_path / "h.safetensors"
+  tensors = _tensors()
+  st.write(path, tensors, metadata={"k": "v"})
+  ckpt = st.open_checkpoint(path)
+  assert ckpt.metadata == {"k": "v"} and set(ckpt.hashes) == set(tensors)
+  assert st.verify_file(path) is True
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+
+  with safe_open(str(path), "np") as f:
+    assert json.loads(f.metadata()[st.HASH_KEY]) == ckpt.hashes
+    for name in tensors:
+      _assert_same(f.get_tensor(name), tensors[name])
+
+
+def test_flipped_data_bytes_are_detected(tmp_path):
+  path = tmp_path / "h.safetensors"
+  tensors = _tensors()
+  st.write(path, tensors)
+  original = path.read_bytes()
+  for name in ("embed.weight", "ids", "scalar", "mask", "u16"):
+    start, end = _data_range(path, name)
+    for pos in sorted({start, (start + end) // 2, end - 1}):
+      path.write_bytes(original)
+      _flip(path, pos)
+      msg = rf"h\.safetensors: tensor '{re.escape(name)}' does not match"
+      with pytest.raises(ValueError, match=msg):
+        st.read(path)
+      with pytest.raises(ValueError, match=msg):
+        st.verify_file(path)
+      # The opt-out reads the changed bytes.
+      got = st.read(path, verify=False)[name]
+      assert got.tobytes() != tensors[name].tobytes()
+
+
+def test_flipped_hash_entry_and_name_are_detected(tmp_path):
+  path = tmp_path / "h.safetensors"
+  st.write(path, {"aa": np.ones(3, np.float32), "bb": np.zeros(2)})
+  raw = path.read_bytes()
+  path.write_bytes(
+      raw.replace(b'\\"aa\\": \\"', b'\\"aa\\": \\"0', 1)[: -0 or None]
+  )
+  # a digest that is not 64 hex characters: corrupt header, refused on open
+  n = int.from_bytes(raw[:8], "little")
+  header = raw[8 : 8 + n].decode()
+  meta_start = header.index(st.HASH_KEY)
+  for k in range(meta_start + 20, meta_start + 120, 7):
+    b = bytearray(raw)
+    b[8 + k] ^= 0x01
+    path.write_bytes(bytes(b))
+    with pytest.raises(ValueError, match=r"h\.safetensors"):
+      st.read(path)
+
+
+def test_verify_file_on_sharded_and_foreign_checkpoints(tmp_path):
+  out = tmp_path / "m"
+  st.write_sharded(out, {"a": np.ones(4), "b": np.arange(4.0)}, 32)
+  assert st.verify_file(out) is True
+  shard = out / "model-00002-of-00002.safetensors"
+  start, _ = _data_range(shard, "b")
+  _flip(shard, start + 3)
+  with pytest.raises(ValueError, match=r"00002-of-00002.*'b' does not match"):
+    st.verify_file(out)
+  foreign = tmp_path / "foreign.safetensors"
+  safetensors_numpy.save_file({"w": np.ones(3)}, str(foreign))
+  assert st.verify_file(foreign) is False
+  np.testing.assert_array_equal(st.read(foreign)["w"], np.ones(3))
+
+
+def test_writer_replaces_copied_hashes(tmp_path):
+  src = tmp_path / "a.safetensors"
+  st.write(src, {"w": np.ones(2)})
+  _, meta = st.read_header(src)
+  dst = tmp_path / "b.safetensors"
+  st.write(dst, {"w": np.zeros(2)}, metadata=meta)  # stale hashes dropped
+  np.testing.assert_array_equal(st.read(dst)["w"], np.zeros(2))
+  st.write(dst, {"w": np.zeros(2)}, metadata=meta, hashes=False)
+  assert st.HASH_KEY not in st.read_header(dst)[1]
+
+
+# -- hostile headers ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw,match",
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "deeper than"),
+        (b'{"a":' * 50_000 + b"1" + b"}" * 50_000, "deeper than"),
+        (
+            b'{"a": {"dtype": "F32", "shape": [1180591620717411303424, 0],'
+            b' "data_offsets": [0, 0]}}',
+            "'a'.*element limit",
+        ),
+        (
+            b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [-4, 0]}}',
+            "'a'.*invalid data_offsets",
+        ),
+        (
+            b'{"a": {"dtype": "F32", "shape": [1], "data_offsets":'
+            b" [1180591620717411303424, 1180591620717411303428]}}",
+            "'a' starts at 1180591620717411303424",
+        ),
+        (b'{"a": 1e999999}', "'a' must have exactly"),
+    ],
+)
+def test_hostile_headers_are_value_errors(tmp_path, raw, match):
+  path = tmp_path / "evil.safetensors"
+  path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 4)
+  with pytest.raises(ValueError, match=r"evil\.safetensors.*" + match):
+    st.read(path)
+  with pytest.raises(ValueError, match=r"evil\.safetensors"):
+    st.verify_file(path)
+
+
+def test_header_length_past_eof(tmp_path):
+  path = tmp_path / "evil.safetensors"
+  path.write_bytes(struct.pack("<Q", 1000) + b"{}")
+  with pytest.raises(ValueError, match=r"evil\.safetensors.*beyond the end"):
+    st.open_checkpoint(path)
+
+
+# -- files that change while they are read -----------------------------------------
+
+
+def test_truncated_between_two_reads(tmp_path):
+  path = tmp_path / "t.safetensors"
+  st.write(path, {"a": np.ones(1000, np.float32), "b": np.ones(1000)})
+  ckpt = st.open_checkpoint(path)
+  np.testing.assert_array_equal(ckpt["a"], np.ones(1000))
+  a_end = ckpt.info("a").end
+  os.truncate(path, a_end - 100)
+  for read in (
+      lambda: ckpt["b"],
+      lambda: ckpt["a"],
+      lambda: ckpt.read_rows("b", 0, 10),
+      ckpt.verify_all,
+  ):
+    with pytest.raises(ValueError, match=r"t\.safetensors: the file changed"):
+      read()
+
+
+def test_rewritten_in_place_between_reads(tmp_path):
+  path = tmp_path / "t.safetensors"
+  st.write(path, {"a": np.ones(10, np.float32)})
+  ckpt = st.open_checkpoint(path)
+  raw = path.read_bytes()
+  with open(path, "r+b") as f:  # same size, new contents and mtime
+    f.write(raw)
+  os.utime(path, ns=(1, 1))
+  with pytest.raises(ValueError, match=r"t\.safetensors: the file changed"):
+    ckpt["a"]
+
+
+_READER = """
+import sys
+import numpy as np
+from mtx.io import safetensors as st
+ckpt = st.open_checkpoint(sys.argv[1])
+float(np.asarray(ckpt["t00"]).sum())  # a memory-mapped reader maps it now
+print("open", flush=True)
+sys.stdin.readline()
+try:
+  for _ in range(int(sys.argv[2])):
+    for name in ckpt:
+      a = np.asarray(ckpt[name])
+      assert float(a.sum()) == a.size, name
+      if len(a) > 4:
+        assert float(ckpt.read_rows(name, 2, 4).sum()) == 2 * a.shape[1]
+except ValueError as e:
+  print("ValueError:", e)
+  sys.exit(3)
+print("complete")
+"""
+
+
+@pytest.mark.parametrize("rounds", [1, 200])
+def test_truncation_while_reading_never_kills_the_reader(tmp_path, rounds):
+  """A file truncated under a reader ends in a ValueError naming the file or
+  a correct read, never a signal death (SIGBUS from a mapped page)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  path = tmp_path / "big.safetensors"
+  st.write(
+      path,
+      {f"t{k:02d}": np.ones((64, 4096), np.float32) for k in range(32)},
+  )
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.Popen(
+      [sys.executable, "-c", _READER, str(path), str(rounds)],
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      cwd=root,
+      env={**os.environ, "PYTHONPATH": root},
+  )
+  assert proc.stdout.readline().strip() == "open"
+  if rounds == 1:  # deterministic: truncated between two reads
+    os.truncate(path, os.path.getsize(path) // 2)
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+  else:  # racing the reader
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    os.truncate(path, os.path.getsize(path) // 3)
+  out, err = proc.communicate(timeout=240)
+  assert proc.returncode >= 0, (proc.returncode, err[-2000:])
+  if rounds == 1:
+    assert proc.returncode == 3, (out, err[-2000:])
+  if proc.returncode == 3:
+    assert "big.safetensors" in out and "ValueError" in out
+  else:
+    assert proc.returncode == 0 and "complete" in out, (out, err[-2000:])
+
+
+# -- row ranges and lazy tensors ---------------------------------------------------
+
+
+def test_read_rows_and_lazy_tensors(tmp_path):
+  path = tmp_path / "r.safetensors"
+  x = np.arange(60, dtype=np.float32).reshape(10, 6)
+  st.write(path, {"x": x, "s": np.array(3.0)})
+  ckpt = st.open_checkpoint(path)
+  np.testing.assert_array_equal(ckpt.read_rows("x", 2, 5), x[2:5])
+  np.testing.assert_array_equal(ckpt.read_rows("x", 8, 20), x[8:])
+  assert ckpt.read_rows("x", 5, 5).shape == (0, 6)
+  lazy = ckpt.lazy("x")
+  assert lazy.shape == (10, 6) and lazy.dtype == np.float32 and len(lazy) == 10
+  np.testing.assert_array_equal(lazy[3:7], x[3:7])
+  np.testing.assert_array_equal(np.asarray(lazy), x)
+  np.testing.assert_array_equal(lazy[:, 1], x[:, 1])
+  with pytest.raises(ValueError, match="'s' is a scalar"):
+    ckpt.read_rows("s", 0, 1)
