@@ -48,9 +48,7 @@ def _check_finite(flag: str, key: str, value: Any) -> None:
     return
   if isinstance(value, int | float):
     if not math.isfinite(value) or abs(value) > _F32_MAX:
-      raise ValueError(
-          f"{flag} {key}: {value!r} is not a finite float32 number"
-      )
+      raise ValueError(f"{flag} {key}: {value!r} is not finite in float32")
   elif isinstance(value, list):
     for v in value:
       _check_finite(flag, key, v)
@@ -97,7 +95,7 @@ def parse_scales(items: Sequence[str]) -> list[float]:
     except ValueError:
       raise ValueError(f"--scales: {s!r} is not a number") from None
     if not math.isfinite(v) or abs(v) > _F32_MAX:
-      raise ValueError(f"--scales: {s!r} is not a finite float32 number")
+      raise ValueError(f"--scales: {s!r} is not finite in float32")
     out.append(v)
   return out
 
@@ -121,7 +119,7 @@ def parse_spec(text: str) -> P:
   axis over two mesh axes; ``""`` is replicated.
 
   >>> parse_spec("model,None"), parse_spec("data+model")
-  (PartitionSpec('model', None), PartitionSpec(('data', 'model'),))
+  (P('model', None), P(('data', 'model'),))
   """
   if not text.strip():
     return P()

@@ -4,6 +4,7 @@ in-memory ones; outputs, sweeps, formats; bad input fails cleanly."""
 import hashlib
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -146,6 +147,83 @@ def test_streamed_merge_is_bitwise_the_in_memory_merge(
   for name, x in want.items():
     np.testing.assert_array_equal(np.asarray(got[name][0]), np.asarray(x))
     assert got[name][0].dtype == x.dtype
+
+
+def _fishers(fts):
+  rng = np.random.default_rng(5)
+  return [
+      {
+          k: np.abs(rng.standard_normal(v.shape)).astype(np.float32)
+          for k, v in st.read(f).items()
+          if "norm" not in k  # the merged leaves only
+      }
+      for f in fts
+  ]
+
+
+def _grams(fts):
+  rng = np.random.default_rng(6)
+  out = []
+  for _ in fts:
+    g = {}
+    for k, shape in SHAPES.items():
+      if len(shape) == 2 and "norm" not in k:
+        x = rng.standard_normal((64, shape[1])).astype(np.float32)
+        g[k] = x.T @ x / 64
+    out.append(g)
+  return out
+
+
+# Every registered method: (hyperparameters, data built from the fine-tuned
+# paths or None, scale).
+_ALL_METHODS = {
+    "average": ({}, None, 1.0),
+    "weighted_average": ({"weights": [1.0, 2.0]}, None, 1.0),
+    "task_arithmetic": ({}, None, 0.3),
+    "ties": ({"density": 0.3}, None, 0.7),
+    "dare": ({"drop_rate": 0.5}, None, 0.5),
+    "breadcrumbs": ({"density": 0.5, "top_remove": 0.1}, None, 1.0),
+    "consensus": ({"k": 2}, None, 1.0),
+    "pcb": ({"ratio": 0.3}, None, 1.0),
+    "lines": ({"beta": 0.5}, None, 1.0),
+    "model_stock": ({}, None, 1.0),
+    "slerp": ({"t": 0.3}, None, 1.0),
+    "fisher": ({}, lambda fts: {"fishers": _fishers(fts)}, 1.0),
+    "regmean": (
+        {"layout": "out_in"},
+        lambda fts: {"grams": _grams(fts)},
+        1.0,
+    ),
+    "compeft": ({"density": 0.2}, None, 1.0),
+    "tsvm": ({}, None, 1.0),
+    "iso_c": ({}, None, 1.0),
+}
+
+
+def test_every_method_has_a_streaming_case():
+  assert sorted(_ALL_METHODS) == sorted(mtx.merging.METHODS)
+
+
+@pytest.mark.parametrize("method", sorted(_ALL_METHODS))
+def test_every_method_streamed_equals_in_memory(tmp_path, method):
+  # Two fine-tuned models (SLERP takes exactly two), three safetensors shards
+  # each; the streamed merge runs the in-memory merge's kernels leaf by leaf
+  # on the same inputs, so the results are bitwise equal.
+  hparams, data, scale = _ALL_METHODS[method]
+  pre, fts = _models(tmp_path, t=2, shard=3000)
+  data = data(fts) if data else {}
+  key = jax.random.key(3)
+  want = _in_memory(
+      pre, fts, method, scale=scale, key=key, exclude="norm", **hparams, **data
+  )
+  spec = streaming.Spec.of(method, hparams, scales=[scale], data=data)
+  got = dict(streaming.merge_tensors(pre, fts, spec, key=key, exclude="norm"))
+  assert sorted(got) == sorted(want)
+  for name, x in want.items():
+    assert got[name][0].dtype == x.dtype, name
+    np.testing.assert_array_equal(
+        np.asarray(got[name][0]), np.asarray(x), err_msg=name
+    )
 
 
 def test_large_leaves_take_the_streamed_selection_paths(tmp_path):
@@ -419,8 +497,64 @@ def _bad_cases(root):
         "hparam": [],
     }
 
+  def int_differs(pre, fts):
+    for i, path in enumerate([pre, *fts]):
+      t = dict(st.read(path))
+      t["embeddings.position_ids"] = np.arange(8, dtype=np.int64) + (i == 2)
+      st.write(os.path.join(path, "model.safetensors"), t)
+    return {}
+
+  def header(path, text):
+    raw = text.encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(os.path.join(path, "model.safetensors"), "wb") as f:
+      f.write(len(raw).to_bytes(8, "little") + raw)
+
+  def json_bomb(pre, fts):
+    header(fts[0], '{"w": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    return {}
+
+  def huge_dim(pre, fts):
+    header(
+        fts[0],
+        json.dumps(
+            {"w": {"dtype": "F32", "shape": [2**70], "data_offsets": [0, 4]}}
+        ),
+    )
+    return {}
+
+  def flags(**values):
+    return lambda pre, fts: values
+
   ft1 = r"ft1/model\.safetensors"
   return [
+      (
+          "int_differs",
+          int_differs,
+          r"ft2/model\.safetensors: tensor 'embeddings\.position_ids' "
+          r"\(int64\) is not floating point and differs.*--exclude",
+      ),
+      ("json_bomb", json_bomb, ft1),
+      ("huge_dim", huge_dim, ft1),
+      (
+          "hparam_no_value",
+          flags(hparam=["density"]),
+          r"--hparam 'density' must look like key=value",
+      ),
+      (
+          "hparam_empty_value",
+          flags(hparam=["density="]),
+          r"--hparam 'density=' must look like key=value",
+      ),
+      ("hparam_nan", flags(hparam=["density=NaN"]), r"--hparam density"),
+      ("density_2", flags(hparam=["density=2"]), r"--hparam.*density"),
+      ("scales_abc", flags(scales=["abc"]), r"--scales: 'abc' is not a number"),
+      ("scales_nan", flags(scales=["nan"]), r"--scales: 'nan' is not finite"),
+      ("scales_inf", flags(scales=["0.5", "-inf"]), r"--scales: '-inf' is"),
+      ("scales_1e39", flags(scales=["1e39"]), r"--scales: '1e39' is not"),
+      ("shard_size", flags(shard_size="2XB"), r"--shard_size"),
+      ("dtype_int", flags(dtype="int8"), r"--dtype must be a floating"),
+      ("mesh_bad", flags(mesh="data=x"), r"--mesh: cannot parse"),
       ("missing", missing, r"no such checkpoint: .*nope"),
       ("extra", extra_tensor, ft1 + r": tensor 'extra\.weight' is not in"),
       (
@@ -458,11 +592,15 @@ def _bad_cases(root):
   ]
 
 
-@pytest.mark.parametrize("case", range(10))
+# Every case _bad_cases defines (the closures only; nothing is written).
+_BAD_CASE_NAMES = [c[0] for c in _bad_cases(pathlib.Path("unused"))]
+
+
+@pytest.mark.parametrize("name", _BAD_CASE_NAMES)
 def test_bad_input_fails_with_one_line_and_leaves_nothing(
-    binary, tmp_path, case
+    binary, tmp_path, name
 ):
-  name, setup, pattern = _bad_cases(tmp_path)[case]
+  setup, pattern = {n: (s, p) for n, s, p in _bad_cases(tmp_path)}[name]
   pre, fts = _models(tmp_path, t=2)
   extra = setup(pre, fts)
   before = _hashes([pre, *fts])

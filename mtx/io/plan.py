@@ -37,19 +37,38 @@ def _thaw(v: Any) -> Any:
   return v
 
 
+class _Held:
+  """A value compared and hashed by identity (data such as Fisher trees)."""
+
+  def __init__(self, value: Any):
+    self.value = value
+
+  def __eq__(self, other: Any) -> bool:
+    return isinstance(other, _Held) and other.value is self.value
+
+  def __hash__(self) -> int:
+    return id(self.value)
+
+  def __repr__(self) -> str:
+    return f"<data {type(self.value).__name__}>"
+
+
 @dataclasses.dataclass(frozen=True)
 class Spec:
   """How to merge a set of tensors: a method, its hyperparameters, and the
   scales of the outputs (one output per scale, a sweep).
 
   Build with :meth:`of`; hashable, so tensors with equal specs are merged
-  as one group (one statistics pass, one set of compiled kernels).
+  as one group (one statistics pass, one set of compiled kernels). ``data``
+  holds what a method is given as arrays rather than values (Fisher's
+  ``fishers``, RegMean's ``grams``), compared by identity.
   """
 
   method: str
   hparams: tuple[tuple[str, Any], ...] = ()
   coeffs: tuple[tuple[str, Any], ...] = ()
   scales: tuple[Any, ...] = (1.0,)
+  data: tuple[tuple[str, _Held], ...] = ()
 
   @classmethod
   def of(
@@ -58,8 +77,10 @@ class Spec:
       hparams: Mapping[str, Any] | None = None,
       coeffs: Mapping[str, Any] | None = None,
       scales: Sequence[Any] = (1.0,),
+      data: Mapping[str, Any] | None = None,
   ) -> Spec:
-    """``Spec.of("ties", {"density": 0.2}, scales=[0.3, 0.5])``."""
+    """``Spec.of("ties", {"density": 0.2}, scales=[0.3, 0.5])``;
+    ``Spec.of("fisher", data={"fishers": [f1, f2]})``."""
     if method not in merging.METHODS:
       raise ValueError(
           f"unknown merging method {method!r}; known: {sorted(merging.METHODS)}"
@@ -72,10 +93,13 @@ class Spec:
         tuple(sorted((k, _freeze(v)) for k, v in (hparams or {}).items())),
         tuple(sorted((k, _freeze(v)) for k, v in (coeffs or {}).items())),
         scales,
+        tuple(sorted((k, _Held(v)) for k, v in (data or {}).items())),
     )
 
   def build(self) -> merging.Merger:
-    return merging.get(self.method, **{k: _thaw(v) for k, v in self.hparams})
+    kw = {k: _thaw(v) for k, v in self.hparams}
+    kw.update((k, v.value) for k, v in self.data)
+    return merging.get(self.method, **kw)
 
   def kwargs(self) -> dict[str, Any]:
     return {k: _thaw(v) for k, v in self.coeffs}
@@ -90,6 +114,7 @@ class Spec:
         "hparams": {k: _thaw(v) for k, v in self.hparams},
         "coeffs": {k: _thaw(v) for k, v in self.coeffs},
         "scales": [_thaw(s) for s in self.scales],
+        **({"data": [k for k, _ in self.data]} if self.data else {}),
     }
 
 
