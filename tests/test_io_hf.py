@@ -420,3 +420,28 @@ def test_config_from_hf_variants():
   legacy = hf.config_from_hf({"model_type": "clip"})
   assert legacy == clip.CONFIGS["clip-vit-b32"]
   assert hf.config_from_hf({"model_type": "gpt2"}) == lm.CONFIGS["gpt2"]
+
+
+def test_load_detects_corrupt_weights_and_config(tmp_path):
+  _, params = _params("bert")
+  out = tmp_path / "ckpt"
+  hf.save(str(out), params, HF_CONFIGS["bert"], shard_size=3000)
+  assert st.verify_file(out) is True  # hf.save records hashes
+  name = "encoder.layer.1.attention.self.query.weight"
+  info = st.open_checkpoint(out).info(name)
+  with open(info.file, "r+b") as f:
+    f.seek((info.start + info.end) // 2)
+    b = f.read(1)
+    f.seek((info.start + info.end) // 2)
+    f.write(bytes([b[0] ^ 0x40]))
+  with pytest.raises(
+      ValueError, match=rf"{re.escape(info.file)}: tensor '{re.escape(name)}'"
+  ):
+    hf.load(out)
+  hf.load(out, verify=False)  # the opt-out reads the changed weights
+  (out / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+  with pytest.raises(ValueError, match=r"config\.json: not valid JSON"):
+    hf.load(out)
+  (out / "config.json").write_text("[1]")
+  with pytest.raises(ValueError, match=r"config\.json: expected a JSON object"):
+    hf.load(out)
