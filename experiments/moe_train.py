@@ -2,6 +2,14 @@ r"""Train an MoE transformer (char-level LM) on a (data, expert) device mesh.
 
   python experiments/moe_train.py --config=experiments/configs/moe_train.py \
       --workdir=/tmp/moe --mesh=data=2,expert=4
+  python -m experiments.moe_train \
+      --config=experiments/configs/moe_train.py:smoke --workdir=/tmp/moe_smoke
+
+``--config`` is an ml_collections config file (``:smoke`` picks its small
+variant); every experiment setting is a config field, overridden with
+``--config.<field>=<value>``. The other flags are about the run: the
+output directory, the device mesh, the ``jax.distributed`` process group
+and the test hook ``--kill_at_step``.
 
 On CPU, fake the devices before JAX starts:
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8``. Multi-host (here two
@@ -31,21 +39,32 @@ checkpoint after a kill, bit-identical to an uninterrupted run. Writes under
 
 from __future__ import annotations
 
+import pathlib
+import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-import moe_train_lib  # pylint: disable=g-bad-import-order
+if __package__ in (None, ""):  # run as a script: python experiments/X.py
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from experiments import moe_train_lib
+
+_WORKDIR = flags.DEFINE_string(
+    "workdir",
+    None,
+    "Directory for checkpoints, params and metrics (shared by all processes).",
+)
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
-    str(Path(__file__).parent / "configs" / "moe_train.py"),
-    "MoE training config file (ml_collections).",
+    None,
+    "MoE training config file (ml_collections), e.g."
+    " experiments/configs/moe_train.py or"
+    " experiments/configs/moe_train.py:smoke.",
+    lock_config=True,
 )
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
 _MESH = flags.DEFINE_string(
     "mesh",
     "data=-1,expert=1",
@@ -65,16 +84,15 @@ _PROCESS_ID = flags.DEFINE_integer(
 _KILL_AT_STEP = flags.DEFINE_integer(
     "kill_at_step",
     None,
-    "Testing: SIGKILL every process right after this step (simulates a"
-    " preemption; rerun the same command to resume).",
+    "Test hook, not for normal runs: SIGKILL every process right after this"
+    " step (simulates a preemption; rerun the same command to resume).",
 )
+flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required")
   if _NUM_PROCESSES.value > 1 and not _COORDINATOR.value:
     raise app.UsageError("--num_processes > 1 needs --coordinator=host:port")
   moe_train_lib.init_distributed(

@@ -8,23 +8,20 @@ from ``workdir`` after a kill. See experiments/moe_train.py for the outputs.
 
 Determinism: the global batch of step ``s`` and its PRNG key are pure
 functions of ``(seed, s)``; every process builds only the rows its devices
-hold (:func:`global_batch`). A resumed run therefore equals an uninterrupted
+hold (:func:`moe_train_data.global_batch`). A resumed run therefore equals an uninterrupted
 one bit for bit, and a run on ``n`` processes equals one process with the
 same global mesh up to the summation order of the cross-process reductions.
 """
 
 from __future__ import annotations
 
-import ast
-import codecs
 import dataclasses
 import functools
-import importlib.util
 import json
 import os
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,142 +37,7 @@ from mtx import training
 from mtx import tree as mtree
 from mtx.models import moe_transformer as mt
 
-# Standard-library modules whose docstrings make the "stdlib" text (a fixed
-# list, read from their source files without importing them).
-STDLIB_MODULES = (
-    "argparse",
-    "ast",
-    "calendar",
-    "collections",
-    "configparser",
-    "contextlib",
-    "csv",
-    "dataclasses",
-    "datetime",
-    "decimal",
-    "difflib",
-    "doctest",
-    "fractions",
-    "functools",
-    "heapq",
-    "inspect",
-    "json",
-    "logging",
-    "optparse",
-    "pathlib",
-    "pickle",
-    "pprint",
-    "random",
-    "shutil",
-    "statistics",
-    "string",
-    "subprocess",
-    "tempfile",
-    "textwrap",
-    "threading",
-    "typing",
-    "zipfile",
-)
-
-
-# ----------------------------------------------------------------------------
-# Data: characters of a text that ships with Python.
-
-
-def _source(module: str) -> str:
-  spec = importlib.util.find_spec(module)
-  if spec is None or not spec.origin or not spec.origin.endswith(".py"):
-    raise ValueError(f"no Python source for module {module!r}")
-  return Path(spec.origin).read_text(encoding="utf-8")
-
-
-def _docstrings(source: str) -> list[str]:
-  tree = ast.parse(source)
-  nodes = [tree] + [
-      n
-      for n in ast.walk(tree)
-      if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
-  ]
-  return [d for d in (ast.get_docstring(n) for n in nodes) if d]
-
-
-@functools.cache
-def load_text(name: str) -> str:
-  """The training text: ``"zen"`` (``import this``) or ``"stdlib"``.
-
-  Read from Python's own source files (no import side effects, no
-  downloads). ``"stdlib"`` concatenates the module, class and function
-  docstrings of :data:`STDLIB_MODULES` (so it varies a little between
-  Python versions; the Zen does not).
-  """
-  if name == "zen":
-    tree = ast.parse(_source("this"))
-    for node in tree.body:
-      if isinstance(node, ast.Assign) and node.targets[0].id == "s":
-        return codecs.decode(ast.literal_eval(node.value), "rot13")
-    raise ValueError("could not find the Zen of Python in this.py")
-  if name == "stdlib":
-    return "\n\n".join(
-        d for m in STDLIB_MODULES for d in _docstrings(_source(m))
-    )
-  raise ValueError(f"unknown text {name!r}; known: 'zen', 'stdlib'")
-
-
-def encode(text: str) -> np.ndarray:
-  """ASCII codes (non-ASCII characters become ``?``): int32 ``[N]``."""
-  return np.frombuffer(text.encode("ascii", errors="replace"), np.uint8).astype(
-      np.int32
-  )
-
-
-def decode(ids: Sequence[int]) -> str:
-  return bytes(int(i) for i in ids).decode("ascii", errors="replace")
-
-
-def split_text(ids: np.ndarray, validation_fraction: float):
-  """``(train, validation)``: the text's head and its last fraction."""
-  n_val = int(round(len(ids) * validation_fraction))
-  return ids[: len(ids) - n_val], ids[len(ids) - n_val :]
-
-
-def batch_starts(
-    num_tokens: int, batch_size: int, length: int, step: int, seed: int
-) -> np.ndarray:
-  """Window starts of the global batch of ``step`` (pure in seed, step)."""
-  if num_tokens < length:
-    raise ValueError(
-        f"the text has {num_tokens} tokens, fewer than a window of {length}"
-    )
-  rng = np.random.default_rng([seed, step])
-  return rng.integers(0, num_tokens - length + 1, size=batch_size)
-
-
-def _local_rows(sharding: jax.sharding.Sharding, shape) -> slice:
-  """The contiguous rows of a ``[B, ...]`` array this process's devices hold."""
-  idx = sharding.addressable_devices_indices_map(tuple(shape)).values()
-  rows = sorted({s[0].indices(shape[0])[:2] for s in idx})
-  lo, hi = rows[0][0], rows[-1][1]
-  if sum(b - a for a, b in rows) != hi - lo:
-    raise ValueError(f"this process's rows {rows} are not contiguous")
-  return slice(lo, hi)
-
-
-def global_batch(
-    ids: np.ndarray,
-    starts: np.ndarray,
-    length: int,
-    sharding: jax.sharding.Sharding,
-) -> jax.Array:
-  """A global ``[B, length]`` token array; this process builds only its rows.
-
-  ``jax.make_array_from_process_local_data`` assembles the global array
-  from every process's slice of the batch.
-  """
-  shape = (len(starts), length)
-  rows = _local_rows(sharding, shape)
-  local = np.stack([ids[s : s + length] for s in starts[rows]])
-  return jax.make_array_from_process_local_data(sharding, local, shape)
-
+from experiments import moe_train_data as data_lib
 
 # ----------------------------------------------------------------------------
 # Mesh and distributed setup.
@@ -443,8 +305,8 @@ def run(
   model = build_model(config, mesh)
   mc = model.config
 
-  ids = encode(load_text(config.text))
-  train_ids, val_ids = split_text(ids, config.validation_fraction)
+  ids = data_lib.encode(data_lib.load_text(config.text))
+  train_ids, val_ids = data_lib.split_text(ids, config.validation_fraction)
   length = config.seq_len + 1
   if len(val_ids) < length:
     raise ValueError(
@@ -455,7 +317,9 @@ def run(
   val_starts = np.linspace(
       0, len(val_ids) - length, config.eval_batch_size
   ).astype(np.int64)
-  val_batch = global_batch(val_ids, val_starts, length, tokens_sharding)
+  val_batch = data_lib.global_batch(
+      val_ids, val_starts, length, tokens_sharding
+  )
 
   with jax.set_mesh(mesh):
     shapes = jax.eval_shape(model.init, jax.random.key(0))
@@ -525,10 +389,10 @@ def run(
     )
     t0, t_log, done0, pending = time.time(), time.time(), start, []
     for step in range(start, config.steps):
-      starts = batch_starts(
+      starts = data_lib.batch_starts(
           len(train_ids), config.batch_size, length, step, config.seed
       )
-      tokens = global_batch(train_ids, starts, length, tokens_sharding)
+      tokens = data_lib.global_batch(train_ids, starts, length, tokens_sharding)
       params, opt_state, m = train_step(
           params, opt_state, tokens, np.int32(step)
       )

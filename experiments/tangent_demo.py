@@ -1,6 +1,14 @@
 r"""Standard vs. tangent-space fine-tuning on a pair of tasks: addition, ξ.
 
-  python experiments/tangent_demo.py --workdir=/tmp/mtx_tangent
+  python experiments/tangent_demo.py \
+      --config=experiments/configs/tangent_demo.py --workdir=/tmp/mtx_tangent
+  python -m experiments.tangent_demo \
+      --config=experiments/configs/tangent_demo.py:smoke \
+      --workdir=/tmp/mtx_tangent_smoke
+
+The experiment (tasks, steps, learning rate, the alpha grids) is the config
+(``experiments/configs/tangent_demo.py``, overridden with
+``--config.<field>=<value>``); ``--workdir`` is the only other flag.
 
 A small, offline version of Ortiz-Jiménez et al.'s comparison. A tiny ViT is
 pretrained by self-supervised rotation prediction on the images of both tasks
@@ -18,14 +26,16 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
+import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import jax
 import numpy as np
 from absl import app
 from absl import flags
 from absl import logging
+from ml_collections import config_flags
 
 from mtx import checkpoint
 from mtx import data as data_lib
@@ -33,19 +43,24 @@ from mtx import models
 from mtx import ntk
 from mtx import tree as mtree
 
-import finetune_lib  # pylint: disable=g-bad-import-order
-from configs import finetune as finetune_config  # pylint: disable=g-bad-import-order
+if __package__ in (None, ""):  # run as a script: python experiments/X.py
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
-_TASKS = flags.DEFINE_list(
-    "tasks", ["none", "invert"], "Two mtx.data.TRANSFORMS of the digits."
+from experiments import finetune_lib
+from experiments.configs import finetune as finetune_config
+
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for the runs and results (stages cached)."
 )
-_PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", 1500, "Pretraining.")
-_STEPS = flags.DEFINE_integer("steps", 300, "Fine-tuning steps per task.")
-_LR = flags.DEFINE_float("learning_rate", 1e-3, "Fine-tuning learning rate.")
-_ALPHAS = flags.DEFINE_list(
-    "alphas", [str(a) for a in np.round(np.linspace(0, 2, 9), 2)], "ξ grid."
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Demo config file (ml_collections), e.g."
+    " experiments/configs/tangent_demo.py or"
+    " experiments/configs/tangent_demo.py:smoke.",
+    lock_config=True,
 )
+flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _config(**kw):
@@ -67,7 +82,7 @@ def _accuracy(fn, params0, params, ds):
   return float(np.mean(np.argmax(logits, -1) == ds.labels))
 
 
-def evaluate_mode(clf, lin, tasks, runs, tvs, params0) -> dict:
+def evaluate_mode(clf, lin, tasks, runs, tvs, params0, config) -> dict:
   """Individual, task-addition and ξ results of one fine-tuning mode."""
   if lin:
     f = ntk.linearize(clf.apply, include="^encoder/")
@@ -82,14 +97,14 @@ def evaluate_mode(clf, lin, tasks, runs, tvs, params0) -> dict:
 
   indiv = {t: runs[t]["final"]["test_accuracy"] for t in tasks}
   indiv_val = {t: runs[t]["final"]["validation_accuracy"] for t in tasks}
-  grid = np.round(np.linspace(0.1, 1.5, 15), 2)
+  grid = np.asarray(config.addition_alphas, np.float64)
   val = [
       np.mean([added(a, t, "validation") / indiv_val[t] for t in tasks])
       for a in grid
   ]
   best = float(grid[int(np.argmax(val))])
   absolute = {t: added(best, t, "test") for t in tasks}
-  alphas = np.asarray([float(a) for a in _ALPHAS.value])
+  alphas = np.asarray(config.xi_alphas, np.float64)
   t1, t2 = list(tasks)
 
   def with_head(t):
@@ -130,12 +145,14 @@ def evaluate_mode(clf, lin, tasks, runs, tvs, params0) -> dict:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required")
-  if len(_TASKS.value) != 2:
-    raise app.UsageError("--tasks takes exactly two transforms")
-  work = Path(_WORKDIR.value)
-  tasks = {t: _splits(t) for t in _TASKS.value}
+  config = _CONFIG.value
+  names = list(config.tasks)
+  if len(names) != 2 or len(set(names)) != 2:
+    raise app.UsageError(
+        f"--config.tasks takes exactly two different transforms, got {names}"
+    )
+  work = pathlib.Path(_WORKDIR.value)
+  tasks = {t: _splits(t) for t in names}
 
   # 1. Pretraining: rotation prediction on both tasks' images.
   pre_dir = work / "pretrain"
@@ -152,7 +169,7 @@ def main(argv: Sequence[str]) -> None:
         for s in ("train", "validation", "test")
     }
     finetune_lib.run(
-        _config(steps=_PRETRAIN_STEPS.value, head="zeros", freeze_head=False),
+        _config(steps=config.pretrain_steps, head="zeros", freeze_head=False),
         pre_dir,
         datasets=union,
     )
@@ -160,7 +177,7 @@ def main(argv: Sequence[str]) -> None:
 
   # 2. Fine-tuning per task and mode.
   clf = models.classifier(models.get("vit", "tiny"), 10)
-  out = {"tasks": _TASKS.value, "modes": {}}
+  out = {"tasks": names, "config": config.to_dict(), "modes": {}}
   for mode in ("standard", "linearized"):
     lin = mode == "linearized"
     runs, tvs, params0 = {}, {}, {}
@@ -170,8 +187,8 @@ def main(argv: Sequence[str]) -> None:
         logging.info("fine-tuning %s (%s)", t, mode)
         finetune_lib.run(
             _config(
-                steps=_STEPS.value,
-                learning_rate=_LR.value,
+                steps=config.steps,
+                learning_rate=config.learning_rate,
                 pretrained=encoder_ckpt,
                 transform=t,
                 linearized=lin,
@@ -183,7 +200,9 @@ def main(argv: Sequence[str]) -> None:
       tvs[t] = checkpoint.restore(d / "task_vector")
       params0[t] = checkpoint.restore(d / "pretrained")
 
-    out["modes"][mode] = evaluate_mode(clf, lin, tasks, runs, tvs, params0)
+    out["modes"][mode] = evaluate_mode(
+        clf, lin, tasks, runs, tvs, params0, config
+    )
   (work / "results.json").write_text(json.dumps(out, indent=2))
   lines = [
       f"tasks: {', '.join(tasks)} (digits); tiny ViT, rotation-pretrained",

@@ -1,19 +1,27 @@
-"""Loads experiments/*.py binaries for in-process tests.
+"""Loads experiments/*.py binaries for in-process tests, or runs them.
 
 absl flags are process-global, and different binaries define flags with the
 same names (``--workdir``, ``--config``). :func:`load` executes a binary's
 module afresh after removing the flags of every binary loaded before, so
 tests of several binaries can share one pytest worker. Call it inside each
-test (not at import time).
+test (not at import time). A binary loaded by file path imports its
+libraries as ``from experiments import X_lib`` (the repository root is on
+``sys.path``: tests/conftest.py, and the binary's own script-mode snippet).
+
+:func:`run` runs a binary in a subprocess, as a script
+(``python experiments/X.py``) or as a module (``python -m experiments.X``).
 """
 
 import importlib.util
+import os
 import pathlib
+import subprocess
 import sys
 
 from absl import flags
 
-EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "experiments"
 _DEFINED: set[str] = set()  # flag names defined by binaries loaded so far
 
 
@@ -24,8 +32,6 @@ def load(name: str):
     if flag in fv:
       delattr(fv, flag)
   _DEFINED.clear()
-  if str(EXPERIMENTS) not in sys.path:
-    sys.path.insert(0, str(EXPERIMENTS))
   spec = importlib.util.spec_from_file_location(
       f"_bin_{name}", EXPERIMENTS / f"{name}.py"
   )
@@ -51,3 +57,29 @@ def run_main(mod, argv: list[str]) -> None:
     finally:
       sys.argv = saved
     mod.main(rest)
+
+
+def run(
+    name: str, *args: str, as_module: bool = False, cwd=None, **kw
+) -> subprocess.CompletedProcess:
+  """Runs ``experiments/<name>.py`` in a subprocess on CPU; text output.
+
+  ``as_module`` runs ``python -m experiments.<name>`` from the repository
+  root (the only place ``-m`` finds the package) instead of the script by
+  its path from ``cwd`` (default: the repository root).
+  """
+  if as_module:
+    cmd, cwd = [sys.executable, "-m", f"experiments.{name}"], ROOT
+  else:
+    cmd = [sys.executable, str(EXPERIMENTS / f"{name}.py")]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("PYTHONPATH", None)  # the binary must find its libraries itself
+  return subprocess.run(
+      [*cmd, *args],
+      cwd=cwd or ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=kw.pop("timeout", 600),
+      **kw,
+  )

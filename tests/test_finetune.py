@@ -15,12 +15,11 @@ from mtx import models
 from mtx import ntk
 from mtx import tree as mtree
 
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(_ROOT / "experiments"))
+import binaries
+from experiments import finetune_lib
+from experiments.configs import finetune as finetune_config
 
-import binaries  # noqa: E402
-import finetune_lib  # noqa: E402
-from configs import finetune as finetune_config  # noqa: E402
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _finetune():
@@ -144,11 +143,11 @@ def test_kill_and_resume_subprocess_matches_uninterrupted(tmp_path):
   ref = tmp_path / "ref"
   finetune_lib.run(_config(linearized=True), ref)
   run = tmp_path / "run"
-  killed = _binary(run, "--linearized", "--kill_at_step=6")
+  killed = _binary(run, "--config.linearized=True", "--kill_at_step=6")
   assert killed.returncode == -9, killed.stderr[-2000:]
   assert not (run / "metrics.json").exists()
   assert checkpoint.Manager(run / "checkpoints").latest_step() == 4
-  resumed = _binary(run, "--linearized")
+  resumed = _binary(run, "--config.linearized=True")
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert "resumed from step 4" in resumed.stderr
   a, b = _read(ref, "task_vector"), _read(run, "task_vector")

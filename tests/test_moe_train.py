@@ -29,12 +29,12 @@ from mtx import checkpoint
 from mtx import models
 from mtx.models import moe_transformer as mt
 
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(_ROOT / "experiments"))
+import binaries
+from experiments import moe_train_data
+from experiments import moe_train_lib
+from experiments.configs import moe_train as moe_train_config
 
-import binaries  # noqa: E402
-import moe_train_lib  # noqa: E402
-from configs import moe_train as moe_train_config  # noqa: E402
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 P = jax.sharding.PartitionSpec
 _SMOKE = f"--config={_ROOT / 'experiments/configs/moe_train.py'}:smoke"
@@ -184,14 +184,14 @@ def test_mesh_specs_and_data():
       moe_train_lib.parse_mesh(bad)
   with pytest.raises(ValueError, match="has 8 devices"):
     moe_train_lib.make_mesh("data=2,expert=4")
-  zen = moe_train_lib.load_text("zen")
+  zen = moe_train_data.load_text("zen")
   assert zen.startswith("The Zen of Python, by Tim Peters")
-  assert len(moe_train_lib.load_text("stdlib")) > 50_000
-  ids = moe_train_lib.encode(zen)
-  assert ids.max() < 128 and moe_train_lib.decode(ids[:7]) == "The Zen"
-  a = moe_train_lib.batch_starts(len(ids), 4, 17, step=3, seed=0)
+  assert len(moe_train_data.load_text("stdlib")) > 50_000
+  ids = moe_train_data.encode(zen)
+  assert ids.max() < 128 and moe_train_data.decode(ids[:7]) == "The Zen"
+  a = moe_train_data.batch_starts(len(ids), 4, 17, step=3, seed=0)
   np.testing.assert_array_equal(
-      a, moe_train_lib.batch_starts(len(ids), 4, 17, step=3, seed=0)
+      a, moe_train_data.batch_starts(len(ids), 4, 17, step=3, seed=0)
   )
   assert a.max() <= len(ids) - 17
 

@@ -4,7 +4,7 @@ r"""Fine-tuning config for experiments/finetune.py.
       --workdir=/tmp/ft
   python experiments/finetune.py \
       --config=experiments/configs/finetune.py:smoke --workdir=/tmp/ft_smoke \
-      --linearized
+      --config.linearized=True
 
 Any field can be overridden on the command line, e.g.
 ``--config.steps=2000 --config.transform=rot90``.

@@ -1,0 +1,43 @@
+"""Every binary starts both as ``python experiments/X.py`` and with ``-m``.
+
+``--help`` imports the binary and its libraries and defines its flags,
+without running anything. absl's ``--help`` exits with status 1 by design
+(as does a failed import), so the check is on the output: the binary's
+module docstring and its flags, and no traceback.
+"""
+
+import pytest
+
+import binaries
+
+BINARIES = {
+    "finetune": ("--config", "--workdir", "--kill_at_step"),
+    "moe_train": ("--config", "--workdir", "--mesh", "--coordinator"),
+    "tangent_demo": ("--config", "--workdir"),
+}
+
+
+@pytest.mark.parametrize("as_module", [False, True], ids=["script", "module"])
+@pytest.mark.parametrize("name", sorted(BINARIES))
+def test_help_as_script_and_module(name, as_module, tmp_path):
+  # As a script, from an unrelated directory: the binary finds the
+  # `experiments` package by itself.
+  proc = binaries.run(name, "--help", as_module=as_module, cwd=tmp_path)
+  out = proc.stdout + proc.stderr
+  assert "Traceback" not in out, out[-3000:]
+  assert proc.returncode == 1, out[-3000:]  # absl's --help status
+  doc = (binaries.EXPERIMENTS / f"{name}.py").read_text().split("\n")[0]
+  assert doc.lstrip('r"') in proc.stdout, proc.stdout[:500]
+  for flag in BINARIES[name]:
+    assert f"{flag}:" in proc.stdout, (flag, proc.stdout[-2000:])
+  # Experiment settings are config fields, not flags.
+  assert "--linearized:" not in proc.stdout
+  assert "--steps:" not in proc.stdout
+
+
+@pytest.mark.parametrize("name", sorted(BINARIES))
+def test_config_and_workdir_are_required(name, tmp_path):
+  proc = binaries.run(name, as_module=True)
+  assert proc.returncode == 1
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert "--config must have a value" in proc.stderr, proc.stderr[-2000:]
