@@ -10,6 +10,7 @@ import os
 
 from absl.testing import flagsaver
 import binaries
+import mtx
 import numpy as np
 import pytest
 
@@ -537,3 +538,18 @@ def test_refused_per_model_and_per_tensor_options(models):
   }
   with pytest.raises(ValueError, match="exactly two models"):
     mergekit.parse(three)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic"])
+@pytest.mark.parametrize("density", [2.0, 0.0, -0.5])
+def test_density_outside_0_1_is_refused_as_by_the_flag(models, method, density):
+  # MergeKit clamps density 2 to 1; mtx refuses it in YAML as its flag does.
+  cfg = _base_cfg(models, merge_method=method)
+  cfg["models"][1]["parameters"]["density"] = density
+  if method == "task_arithmetic":  # density has no effect there (noted)
+    mergekit.parse(cfg).plan(NAMES)
+    return
+  with pytest.raises(ValueError, match=r"'density' must be in \(0, 1\]"):
+    mergekit.parse(cfg).plan(NAMES)
+  with pytest.raises(ValueError, match="density"):
+    mtx.merging.get("ties", density=density)

@@ -43,7 +43,9 @@ Refused (an error naming the key): ``della``, ``della_linear``, ``sce``,
 slice, ``residual_weight``, LoRA references (``model+lora``), model_stock's
 ``filter_wise``, breadcrumbs with ``rescale``, per-model ``density`` or
 ``gamma`` that differ for breadcrumbs, linear's ``normalize: false`` with
-weights not summing to 1. Accepted and ignored (noted in
+weights not summing to 1, ``density`` outside (0, 1] (MergeKit clamps a
+``density`` above 1 to 1; mtx refuses it, as its ``--hparam=density`` flag
+does). Accepted and ignored (noted in
 ``recipe.notes``): ``int8_mask`` (storage only), ``tokenizer_source: base``
 (the base folder's tokenizer files are copied anyway), and parameters MergeKit
 defines but ignores for a method (``density``/``rescale`` in
@@ -83,23 +85,20 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 import dataclasses
 import os
-import re
 from typing import Any
 
+from mtx.io.mergekit_settings import check_params
+from mtx.io.mergekit_settings import evaluate
+from mtx.io.mergekit_settings import global_params
+from mtx.io.mergekit_settings import GTA
+from mtx.io.mergekit_settings import REQUIRED
+from mtx.io.mergekit_settings import layer_fractions
+from mtx.io.mergekit_settings import num_layers
+from mtx.io.mergekit_settings import tensor_params
 from mtx.io.plan import Spec
 
 PathLike = str | os.PathLike
 
-_REQUIRED = object()
-
-_GTA = {
-    # name: (default normalize, default rescale, sparsification, consensus)
-    "task_arithmetic": (False, False, None, False),
-    "ties": (True, False, "magnitude", True),
-    "dare_ties": (False, True, "random", True),
-    "dare_linear": (False, True, "random", False),
-    "breadcrumbs": (False, False, "outliers", False),
-}
 SUPPORTED = (
     "linear",
     "task_arithmetic",
@@ -137,134 +136,6 @@ _TOP_KEYS = {
     "chat_template",
 }
 _DTYPES = ("float32", "float16", "bfloat16", "float64")
-
-# Layer indices in tensor names (HF: model.layers.3..., GPT-2: h.3..., ...).
-_LAYER_RE = re.compile(
-    r"(?:^|[/._])(?:layers?|blocks?|resblocks|h)[._/](\d+)(?=$|[/._])"
-)
-
-
-def _global_params(method: str) -> dict[str, Any]:
-  if method == "linear":
-    return {"normalize": True}
-  if method == "slerp":
-    return {"t": _REQUIRED}
-  if method == "model_stock":
-    return {"filter_wise": False}
-  normalize, rescale, _, _ = _GTA[method]
-  return {
-      "int8_mask": False,
-      "normalize": normalize,
-      "rescale": rescale,
-      "lambda": 1.0,
-  }
-
-
-def _tensor_params(method: str) -> dict[str, Any]:
-  if method == "linear":
-    return {"weight": _REQUIRED}
-  if method in ("slerp", "model_stock"):
-    return {}
-  out = {"weight": _REQUIRED, "density": 1.0}
-  if method == "breadcrumbs":
-    out["gamma"] = 0.01
-  return out
-
-
-# ----------------------------------------------------------------------------
-# Parameter settings: scalars, layer gradients, filtered conditions.
-
-
-def _check_setting(where: str, value: Any) -> Any:
-  """Validates a parameter setting as MergeKit's ``ParameterSetting``."""
-  if isinstance(value, bool | int | float):
-    return value
-  if isinstance(value, list) and value:
-    if all(isinstance(v, bool | int | float) for v in value):
-      return value
-    if all(isinstance(v, Mapping) for v in value):
-      for j, cond in enumerate(value):
-        unknown = sorted(set(cond) - {"filter", "value"})
-        if unknown:
-          raise ValueError(f"unknown MergeKit key {where}[{j}].{unknown[0]}")
-        if "value" not in cond:
-          raise ValueError(f"{where}[{j}] has no 'value'")
-        if cond.get("filter") is not None and not isinstance(
-            cond["filter"], str
-        ):
-          raise ValueError(f"{where}[{j}].filter must be a string")
-        _check_setting(f"{where}[{j}].value", cond["value"])
-      return value
-  if isinstance(value, Mapping) and "value" in value:  # a single condition
-    return _check_setting(where, [value])
-  raise ValueError(
-      f"{where}: expected a number, a list of numbers (a layer gradient) or "
-      f"a list of {{filter, value}} conditions, got {value!r}"
-  )
-
-
-def evaluate(setting: Any, tensor: str, t: float) -> Any:
-  """A setting's value for ``tensor`` at layer fraction ``t`` (None when no
-  condition matches), as MergeKit's ``evaluate_setting``.
-
-  >>> evaluate([0.0, 0.5, 1.0], "x", 0.25), evaluate(0.3, "x", 0.9)
-  (0.25, 0.3)
-  >>> evaluate([{"filter": "mlp", "value": 1}, {"value": 2}], "a.mlp.w", 0)
-  1
-  """
-  if isinstance(setting, Mapping):
-    setting = [setting]
-  if isinstance(setting, bool | int | float):
-    return setting
-  if all(isinstance(v, int | float) for v in setting):
-    scaled = t * (len(setting) - 1)
-    i0 = int(scaled)
-    i1 = min(len(setting) - 1, i0 + 1)
-    frac = scaled - i0
-    return (1 - frac) * setting[i0] + frac * setting[i1]
-  for cond in setting:
-    f = cond.get("filter")
-    if f is None or f == "*" or (tensor and f in tensor):
-      return evaluate(cond["value"], tensor, t)
-  return None
-
-
-def layer_fractions(names: Sequence[str]) -> dict[str, float]:
-  """MergeKit's ``t`` per tensor: ``i/(N−1)`` for layer ``i`` of ``N`` (1
-  when ``N = 1``), 0 outside the layers. ``N`` is counted per name prefix
-  (the part before the layer number), so towers are counted separately.
-
-  >>> layer_fractions(["emb", "layers.0.w", "layers.2.w", "layers.1.w"])
-  {'emb': 0.0, 'layers.0.w': 0.0, 'layers.2.w': 1.0, 'layers.1.w': 0.5}
-  """
-  found = {}
-  count: dict[str, int] = {}
-  for name in names:
-    m = _LAYER_RE.search(name)
-    if m is not None:
-      prefix, i = name[: m.start(1)], int(m.group(1))
-      found[name] = (prefix, i)
-      count[prefix] = max(count.get(prefix, 0), i + 1)
-  out = {}
-  for name in names:
-    if name not in found:
-      out[name] = 0.0
-      continue
-    prefix, i = found[name]
-    n = count[prefix]
-    out[name] = i / (n - 1) if n > 1 else 1.0
-  return out
-
-
-def num_layers(names: Sequence[str]) -> int:
-  """The most layers under one prefix (0 when no name has a layer index)."""
-  count: dict[str, int] = {}
-  for name in names:
-    m = _LAYER_RE.search(name)
-    if m is not None:
-      prefix = name[: m.start(1)]
-      count[prefix] = max(count.get(prefix, 0), int(m.group(1)) + 1)
-  return max(count.values(), default=0)
 
 
 # ----------------------------------------------------------------------------
@@ -334,7 +205,7 @@ class Recipe:
           v = evaluate(level[key], name, t)
           if v is not None:
             return v
-      if default is _REQUIRED:
+      if default is REQUIRED:
         raise ValueError(
             f"missing required MergeKit parameter {key!r} for {where} "
             f"(tensor {name!r})"
@@ -343,7 +214,7 @@ class Recipe:
 
     g = {
         k: lookup([slice_level, global_level], k, d, "the merge")
-        for k, d in _global_params(self.method).items()
+        for k, d in global_params(self.method).items()
     }
     per_model = []
     for path, level in zip(self._models, model_levels):
@@ -352,7 +223,7 @@ class Recipe:
       per_model.append(
           {
               k: lookup([level, slice_level, global_level], k, d, path)
-              for k, d in _tensor_params(self.method).items()
+              for k, d in tensor_params(self.method).items()
           }
       )
     return g, per_model
@@ -381,15 +252,15 @@ class Recipe:
       return Spec.of("weighted_average", {"weights": w, "normalize": True})
     lam = float(g["lambda"])
     normalize, rescale = bool(g["normalize"]), bool(g["rescale"])
-    _, _, sparsify, consensus = _GTA[m]
+    _, _, sparsify, consensus = GTA[m]
     dens = [float(p["density"]) for p in per_model]
-    for d in dens:
-      if not 0.0 < d:
+    for d in dens if sparsify is not None else ():
+      if not 0.0 < d <= 1.0:
         raise ValueError(
-            f"MergeKit parameter 'density' must be > 0, got {d} (tensor "
-            f"{name!r})"
+            f"MergeKit parameter 'density' must be in (0, 1], got {d} "
+            f"(tensor {name!r}); MergeKit clamps values above 1, mtx refuses "
+            "them as its --hparam=density flag does"
         )
-    dens = [min(d, 1.0) for d in dens]
     if consensus:
       hp = {
           "scope": "per_leaf",
@@ -487,22 +358,6 @@ def _resolve(ref: Any, where: str, base_dir: str | None, check: bool) -> str:
   )
 
 
-def _params(where: str, params: Any, allowed: Mapping[str, Any], method: str):
-  if params is None:
-    return {}
-  if not isinstance(params, Mapping):
-    raise ValueError(f"{where} must be a mapping, got {params!r}")
-  out = {}
-  for k, v in params.items():
-    if k not in allowed:
-      raise ValueError(
-          f"unknown MergeKit key {where}.{k} for merge_method {method!r} "
-          f"(it takes {sorted(allowed) or 'none'})"
-      )
-    out[k] = _check_setting(f"{where}.{k}", v)
-  return out
-
-
 def parse(
     config: Mapping[str, Any],
     *,
@@ -556,9 +411,9 @@ def parse(
     if config.get(k) is not None and config[k] not in _DTYPES:
       raise ValueError(f"MergeKit key {k!r}: unknown dtype {config[k]!r}")
   base_dir = None if base_dir is None else os.fspath(base_dir)
-  g_allowed = {**_global_params(method), **_tensor_params(method)}
-  t_allowed = _tensor_params(method)
-  global_level = _params(
+  g_allowed = {**global_params(method), **tensor_params(method)}
+  t_allowed = tensor_params(method)
+  global_level = check_params(
       "parameters", config.get("parameters"), g_allowed, method
   )
   if "int8_mask" in global_level:
@@ -580,7 +435,7 @@ def parse(
           raise ValueError(f"unknown MergeKit key models[{i}].{k}")
       refs.append((e["model"], f"models[{i}].model"))
       levels.append(
-          _params(
+          check_params(
               f"models[{i}].parameters", e.get("parameters"), t_allowed, method
           )
       )
@@ -605,7 +460,7 @@ def parse(
       if base is not None and sl["base_model"] != base:
         raise ValueError("slices[0].base_model differs from base_model")
       base = sl["base_model"]
-    slice_level = _params(
+    slice_level = check_params(
         "slices[0].parameters", sl.get("parameters"), g_allowed, method
     )
     refs, levels, ranges = [], [], set()
@@ -626,7 +481,7 @@ def parse(
       ranges.add(tuple(lr))
       refs.append((src["model"], f"{where}.model"))
       levels.append(
-          _params(
+          check_params(
               f"{where}.parameters", src.get("parameters"), t_allowed, method
           )
       )
