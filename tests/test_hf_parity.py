@@ -21,6 +21,7 @@ transformers = pytest.importorskip("transformers")
 safetensors = pytest.importorskip("safetensors")
 
 from mtx.io import hf  # noqa: E402
+from mtx.io import safetensors as mtx_st  # noqa: E402
 from mtx.models import bert  # noqa: E402
 from mtx.models import clip  # noqa: E402
 
@@ -147,6 +148,8 @@ def test_encoder_export_round_trip(name, bert_ckpt, roberta_ckpt, root):
   src = {"bert": bert_ckpt, "roberta": roberta_ckpt}[name]
   _, params, hf_config = hf.load(src)
   out = _export(params, hf_config, root, f"{name}-export")
+  # Our files record per-tensor hashes; transformers loads them unchanged.
+  assert mtx_st.verify_file(out) is True
   _assert_same_tensors(_files_tensors(src), _files_tensors(out))
   ids = _IDS if name == "bert" else np.where(_MASK == 1, _IDS, 1)
   a = _encoder_outputs(src, ids, _MASK)
