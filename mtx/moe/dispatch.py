@@ -90,6 +90,7 @@ def normals(key: jax.Array, shapes: tuple[tuple[int, ...], ...]):
 
 
 def get_activation(name: Any) -> Callable[[jax.Array], jax.Array]:
+  """``ACTIVATIONS[name]``, or ``name`` itself when it is a callable."""
   if callable(name):
     return name
   if name not in ACTIVATIONS:
@@ -126,6 +127,7 @@ def expert_mlp(
 
 
 def shared_mlp(shared: Mapping[str, jax.Array], x: jax.Array, act) -> jax.Array:
+  """Shared (always-on) experts on every token: ``Σ_n act(x wi[n]) wo[n]``."""
   wi, wo = jnp.asarray(shared["wi"]), jnp.asarray(shared["wo"])
   if wi.ndim == 2:
     wi, wo = wi[None], wo[None]
@@ -176,6 +178,7 @@ def check_params(params: Mapping[str, Any], x: jax.Array) -> tuple[int, ...]:
 
 
 def check_options(options: Mapping[str, Any], extra=()) -> dict[str, Any]:
+  """:data:`OPTIONS` updated with ``options``; unknown names raise."""
   unknown = sorted(set(options) - set(OPTIONS) - set(extra))
   if unknown:
     raise ValueError(
@@ -426,6 +429,7 @@ DISPATCH = {
 
 
 def group_keys(key, g0, g):
+  """Keys of groups ``g0 .. g0 + g - 1`` (``key`` folded with the index)."""
   if key is None:
     return None
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(
