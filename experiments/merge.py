@@ -22,7 +22,7 @@ Merging on a device mesh (each tensor loaded sharded, merged there):
   python experiments/merge.py ... --mesh=data=4,model=2 \
     --shard_rule='embed_tokens=model,None'
 
-The merge streams tensor by tensor from memory-mapped files (see
+The merge streams tensor by tensor from the files (see
 mtx.io.streaming): memory holds a few tensors times T, not the models, and the
 output equals mtx.merging.merge on the loaded models. Outputs are written
 atomically (a temporary folder renamed into place); an existing --out is

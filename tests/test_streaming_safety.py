@@ -152,7 +152,7 @@ def test_unwritable_out_is_one_line(binary, tmp_path, monkeypatch):
 def test_unexpected_reader_errors_name_the_file(binary, tmp_path, monkeypatch):
   pre, fts = _models(tmp_path)
 
-  def boom(path):
+  def boom(path, **kwargs):
     raise RecursionError("maximum recursion depth exceeded")
 
   monkeypatch.setattr(st, "open_checkpoint", boom)

@@ -18,7 +18,7 @@ tensor:
    error otherwise;
 2. statistics: methods with global statistics (TIES/TALL/PCB/ComPEFT
    thresholds, the majority sign) read the task vectors ``θt − θ0`` leaf by
-   leaf, computed on the fly from the mapped files;
+   leaf, computed on the fly from the files;
 3. merge: each tensor is merged, cast, handed to the caller (the writer) and
    its pages released before the next.
 
@@ -42,6 +42,7 @@ from mtx import _select
 from mtx import merging
 from mtx import sharding as sharding_lib
 from mtx import tree as mtree
+from mtx.io import safetensors as st
 from mtx.io.models import Model
 from mtx.io.models import check_compatible
 from mtx.io.models import finite
@@ -57,8 +58,8 @@ _log = logging.getLogger(__name__)
 
 
 def _put(x, sharding) -> jax.Array:
-  """A host array placed with ``sharding``, each device reading its slice
-  straight from ``x`` (memory-mapped: only that slice's pages)."""
+  """A host array placed with ``sharding``, each device taking its slice of
+  ``x`` (a safetensors tensor is read whole once, then sliced)."""
   a = x if isinstance(x, np.ndarray) else np.asarray(x)
   return jax.make_array_from_callback(
       np.shape(a), sharding, lambda idx: np.asarray(a[idx])
@@ -71,7 +72,7 @@ def load_sharded(
     rules: Sequence[tuple[str, P]] = (),
 ) -> Any:
   """A model's params placed on ``mesh`` (layouts from :func:`shardings_for`);
-  each device reads only its slice of each memory-mapped tensor."""
+  each tensor is read once and each device takes its slice."""
   model = open_model(model)
   sh = sharding_lib.shardings_for(
       model.paths, [np.shape(x) for x in model.leaves], mesh, rules
@@ -243,16 +244,19 @@ def merge_tensors(
           )
       )
 
-  if check_finite:
+  verifying = any(m.verifying for m in models)
+  if check_finite or verifying:  # one whole read of each merged tensor
     done = 0
     for n, i in enumerate(merged_idx):
       for m in models:
-        if not finite(m.leaves[i]):
+        x = np.asarray(m.leaves[i])  # checked against its hash, if recorded
+        if check_finite and not finite(x):
           raise ValueError(
               f"{m.where(paths[i])}: tensor {paths[i]!r} holds NaN or Inf "
               "(--nocheck_finite, check_finite=False in Python, skips "
               "this check)"
           )
+        del x
         m.release(i)
         done += nbytes(m.leaves[i])
       report("check", n + 1, len(merged_idx), done)
@@ -321,7 +325,7 @@ def row_parts(shape: Sequence[int]) -> list[tuple[int, int]] | None:
 
 
 def _on_host(x) -> bool:
-  return _select.on_host(x)
+  return isinstance(x, st.LazyTensor) or _select.on_host(x)
 
 
 def _libc():
@@ -353,14 +357,13 @@ def _aligned(x) -> bool:
 class _Loader:
   """``raw(i)`` for ``prepare_leaves``: leaf ``i`` of every model.
 
-  On the host, a 64-byte aligned memory-mapped tensor is passed as is (jax
-  reads the mapped pages without a copy; only the pages used are read);
-  others (safetensors only aligns the data to 8 bytes) are copied once into a
-  jax array, reused while the same leaf is asked for again, and their pages
-  dropped at once, so a leaf costs one copy however many kernels read it
-  (jax would copy an unaligned argument on every call). Whenever another
-  leaf is asked for, the previous one's copies and pages are released. On a
-  mesh, the leaf is loaded sharded (and cached alike).
+  On the host, a safetensors tensor (or row range) is read into a 64-byte
+  aligned buffer, which jax uses without a copy; other unaligned host arrays
+  are copied once into a jax array. Either is reused while the same leaf is
+  asked for again (jax would copy an unaligned argument on every call), so a
+  leaf costs one read however many kernels use it, and is released when
+  another leaf is asked for. On a mesh, the leaf is loaded sharded (and
+  cached alike).
   """
 
   def __init__(self, models: Sequence[Model], shardings):
@@ -407,6 +410,7 @@ class _Loader:
   @staticmethod
   def _host(m: Model, i: int, part):
     x = m.leaves[i] if part is None else m.leaves[i][part[0] : part[1]]
+    x = np.asarray(x)  # a safetensors tensor is read (and verified) here
     if _aligned(x):
       return x
     y = jax.device_put(x).block_until_ready()  # copied: the pages can go
@@ -423,7 +427,10 @@ def _emit(pre, models, raw, leaf_fns, num_out, dtype, shardings, report, t0):
     fn = leaf_fns.get(i)
     if fn is None:
       x = pre.leaves[i]
-      x = x if shardings is None else _put(x, shardings[i])
+      if shardings is not None:
+        x = _put(x, shardings[i])
+      elif isinstance(x, st.LazyTensor):
+        x = np.asarray(x)  # read (and verified) now
       outs = [x] * num_out
     else:
       outs = [fn(i, s) for s in range(num_out)]

@@ -32,7 +32,7 @@ class Model:
   Attributes:
     path: what was opened.
     format: ``"safetensors"`` or ``"orbax"``.
-    tree: the params: a flat ``{name: array}`` dict of memory-mapped arrays
+    tree: the params: a flat ``{name: array}`` dict of lazily read tensors
       (safetensors) or the restored tree (orbax).
     paths: leaf paths in flattening order.
     leaves: the leaves, in the same order.
@@ -45,7 +45,10 @@ class Model:
     self.tree = tree
     self.paths, self.leaves, self.treedef = mtree.flatten(tree)
     self.metadata = dict(metadata)
-    self.verified = False  # checked against recorded content hashes
+    # Checked against recorded content hashes: every tensor (verified), some
+    # as they are read whole (verifying).
+    self.verified = False
+    self.verifying = False
     self._ckpt: st.Checkpoint | None = None
 
   def where(self, name: str) -> str:
@@ -55,7 +58,7 @@ class Model:
     return self.path
 
   def release(self, i: int) -> None:
-    """Drops leaf ``i``'s mapped pages from resident memory (safetensors)."""
+    """Releases what the reader holds of leaf ``i`` (safetensors)."""
     if self._ckpt is not None:
       self._ckpt.release(self.paths[i])
 
@@ -85,24 +88,21 @@ def _is_safetensors(path: str) -> bool:
   return True
 
 
-def _verify_safetensors(path: str) -> bool:
-  """Checks a safetensors checkpoint against the content hashes its metadata
-  records (``mtx.io.safetensors.verify``); False when it records none."""
-  verify = getattr(st, "verify", None)
-  if verify is None:  # a safetensors module without content hashes
-    return False
-  return bool(verify(path))
-
-
 def open_model(path: PathLike, *, verify: bool = True) -> Model:
   """Opens a safetensors checkpoint (file, folder, sharded folder) lazily or
   restores an orbax checkpoint written by :func:`mtx.checkpoint.save`.
 
+  The leaves of a safetensors model are lazy tensors
+  (:class:`mtx.io.safetensors.LazyTensor`)
+  that read nothing until a tensor, or a row range of it, is asked for.
+
   Args:
     path: the checkpoint (a :class:`Model` is returned as is).
     verify: check the data against the content hashes the checkpoint's
-      metadata records, if it records any (one extra read of a safetensors
-      checkpoint; orbax checkpoints are checked as they are restored).
+      metadata records, if it records any: each safetensors tensor when it
+      is read whole (the streaming merge reads every tensor whole at least
+      once when verifying, see :mod:`mtx.io.engine`), an orbax checkpoint
+      as it is restored.
 
   Raises:
     FileNotFoundError: nothing at ``path``, or a folder with neither format.
@@ -115,11 +115,13 @@ def open_model(path: PathLike, *, verify: bool = True) -> Model:
   if not os.path.exists(path):
     raise FileNotFoundError(f"no such checkpoint: {path}")
   if _is_safetensors(path):
-    ckpt = st.open_checkpoint(path)
-    model = Model(path, "safetensors", dict(ckpt), ckpt.metadata)
+    ckpt = st.open_checkpoint(path, verify=verify)
+    tree = {name: ckpt.lazy(name) for name in ckpt}
+    model = Model(path, "safetensors", tree, ckpt.metadata)
     model._ckpt = ckpt  # pylint: disable=protected-access
-    if verify:
-      model.verified = _verify_safetensors(path)
+    hashes = getattr(ckpt, "hashes", {})
+    model.verifying = verify and bool(hashes)
+    model.verified = model.verifying and all(n in hashes for n in ckpt)
     return model
   from mtx import checkpoint  # pylint: disable=g-import-not-at-top
 

@@ -3,7 +3,7 @@
 The public entry point of the streaming merge; the work is split by what
 changes together:
 
-* :mod:`mtx.io.models`: opening models (safetensors memory-mapped, orbax
+* :mod:`mtx.io.models`: opening models (safetensors read lazily, orbax
   restored, both checked against their recorded content hashes) and
   checking that they fit together;
 * :mod:`mtx.io.plan`: what to do with each tensor (:class:`Spec`, plans);
