@@ -469,3 +469,61 @@ def test_copy_never_follows_symlinks_out_of_the_base_folder(tmp_path):
       for f in files
   )
   assert got == ["alias.json", "config.json", "sub/inside.json"]
+
+
+# -- 7. inputs verified against their recorded content hashes ----------------
+
+
+def test_flipped_byte_in_a_safetensors_input_is_refused_unless_told(
+    binary, tmp_path
+):
+  pre, fts = _models(tmp_path)
+  path = os.path.join(fts[0], "model.safetensors")
+  assert st.verify_file(path)  # mtx's writer records the hashes
+  data = bytearray(open(path, "rb").read())
+  data[-3] ^= 0x01  # inside the last tensor's data
+  open(path, "wb").write(bytes(data))
+  flag_values = dict(
+      pretrained=pre,
+      finetuned=fts,
+      method="task_arithmetic",
+      out=str(tmp_path / "o"),
+  )
+  _fails(
+      binary,
+      r"ft1/model\.safetensors: tensor '.*' does not match its recorded "
+      r"SHA-256",
+      **flag_values,
+  )
+  assert not (tmp_path / "o").exists()
+  _run(binary, verify_inputs=False, **flag_values)  # opted out: merges
+  assert sorted(st.read(tmp_path / "o")) == sorted(SHAPES)
+
+
+def test_orbax_input_whose_data_changed_is_refused(binary, tmp_path):
+  from mtx import checkpoint  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+
+  paths = []
+  for i in range(3):
+    p = tmp_path / f"ck{i}"
+    checkpoint.save(p, {"w": np.full(4, float(i), np.float32)})
+    paths.append(str(p))
+  other = tmp_path / "other"
+  checkpoint.save(other, {"w": np.full(4, 7.0, np.float32)})
+  # ck1's data replaced by another checkpoint's; its metadata (and hashes)
+  # kept: it restores without complaint, with different weights.
+  shutil.rmtree(os.path.join(paths[1], "params"))
+  shutil.copytree(other / "params", os.path.join(paths[1], "params"))
+  flag_values = dict(
+      pretrained=paths[0],
+      finetuned=paths[1:],
+      method="task_arithmetic",
+      out=str(tmp_path / "o"),
+      format="orbax",
+  )
+  _fails(binary, r"ck1.*array 'w' does not match", **flag_values)
+  _run(binary, verify_inputs=False, **flag_values)
+  np.testing.assert_array_equal(
+      checkpoint.restore(tmp_path / "o")["w"], 7.0 + 2.0
+  )
