@@ -243,6 +243,8 @@ def cosine(a: PyTree, b: PyTree, eps: float = 1e-12) -> jax.Array:
 def dtype_of(x: Any) -> np.dtype:
   """A leaf's dtype, without converting (or transferring) the leaf."""
   dt = getattr(x, "dtype", None)
+  if dt is None and isinstance(x, str | bytes):
+    return np.asarray(x).dtype  # np.result_type("float32") reads a dtype name
   return np.dtype(np.result_type(x) if dt is None else dt)
 
 

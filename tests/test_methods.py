@@ -1606,3 +1606,27 @@ def test_tsvm_large_leaves_factorised_task_by_task_in_prepare(monkeypatch):
   np.testing.assert_allclose(
       tv["w"], want["w"] - pre["w"], rtol=1e-4, atol=1e-5
   )
+
+
+def test_dare_l1_rescale_keeps_the_l1_norm_of_each_tensor():
+  # rescale="l1": each task's surviving entries of a tensor are scaled so
+  # that the tensor keeps its L1 norm (MergeKit), not divided by 1 − p.
+  k = jax.random.split(jax.random.key(0), 2)
+  pre = {"a": jnp.zeros((50, 40)), "b": jnp.zeros((300,))}
+  tau = {
+      "a": jax.random.normal(k[0], (50, 40)),
+      "b": jax.random.uniform(k[1], (300,)) ** 3,
+  }
+  out = merge(
+      pre, [tau], "dare", drop_rate=0.6, rescale="l1", key=jax.random.key(4)
+  )
+  for p in ("a", "b"):
+    got, want = np.asarray(out[p]), np.asarray(tau[p])
+    np.testing.assert_allclose(
+        np.abs(got).sum(), np.abs(want).sum(), rtol=1e-5, err_msg=p
+    )
+    kept = got != 0
+    assert 0.3 < kept.mean() < 0.5  # about 40% survive
+    ratio = got[kept] / want[kept]  # one common factor per tensor ...
+    np.testing.assert_allclose(ratio, ratio[0], rtol=1e-5)
+    assert not np.isclose(ratio[0], 1 / 0.4, rtol=1e-3)  # ... not 1/(1-p)

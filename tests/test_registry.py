@@ -94,48 +94,151 @@ def test_zero_task_vectors_give_the_pretrained_model(name, pre):
 
 
 # What each method returns when every fine-tuned model is the same θ1 (so
-# every τt = τ), at scale 1, as their docstrings imply.
+# every τt = τ), at scale 1, worked out by hand from each method's formula.
+# ``tau`` maps paths to numpy leaves; T tasks (2 for SLERP).
+
+
+def _top_mask(tau, density):
+  """``|τ| >= k-th largest |τ|`` over all leaves, k = max(1, int(n·d))."""
+  flat = np.concatenate([np.abs(v).ravel() for v in tau.values()])
+  k = max(1, int(flat.size * density))
+  thr = np.sort(flat)[::-1][k - 1]
+  return {p: np.abs(v) >= thr for p, v in tau.items()}
+
+
+def _ties(tau):  # trim (density 0.2, global), elect sign(τ), mean of T equal
+  m = _top_mask(tau, 0.2)
+  return {p: np.where(m[p], v, 0) for p, v in tau.items()}
+
+
+def _compeft(tau):  # Σt α σ sign(τ) mask, σ the unbiased std of τ
+  flat = np.concatenate([v.ravel() for v in tau.values()]).astype(np.float64)
+  m = _top_mask(tau, 0.2)
+  sd = flat.std(ddof=1)
+  return {p: T * sd * np.sign(v) * m[p] for p, v in tau.items()}
+
+
+def _breadcrumbs(tau):  # rows of n: drop the top int(0.2n), keep int(0.5n)
+  out = {}
+  for p, v in tau.items():
+    if v.ndim == 0:
+      out[p] = T * v
+      continue
+    n = v.shape[-1]
+    rank = np.argsort(np.argsort(-np.abs(v), axis=-1), axis=-1)
+    keep = (rank >= int(0.2 * n)) & (rank < int(0.2 * n) + int(0.5 * n))
+    out[p] = T * np.where(keep, v, 0)
+  return out
+
+
+def _dare_magnitude(tau):  # per leaf keep the top half, survivors ·2, sum T
+  out = {}
+  for p, v in tau.items():
+    a = np.sort(np.abs(v).ravel())[::-1]
+    thr = a[max(1, int(a.size * 0.5)) - 1]
+    out[p] = T * 2.0 * np.where(np.abs(v) >= thr, v, 0)
+  return out
+
+
+def _pcb(tau):  # equal scores: sign(τ)·clip(|τ|, lo, hi) where w > 0
+  flat = np.concatenate([np.abs(v).ravel() for v in tau.values()])
+  d = flat.size
+  asc = np.sort(flat)
+  lo, hi = asc[int(d * 1e-4)], asc[int(d * (1 - 1e-4) - 1)]
+  scores, clipped = {}, {}
+  for p, v in tau.items():
+    a = np.clip(np.abs(v), lo, hi)
+    clipped[p] = np.sign(v) * a
+    scores[p] = np.exp(T * ((a - lo) / (hi - lo)) ** 2) * np.tanh(T * v * v)
+  s_lo = np.sort(np.concatenate([s.ravel() for s in scores.values()]))[
+      int(d * (1 - 0.1))
+  ]
+  return {p: np.where(scores[p] > s_lo, clipped[p], 0) for p in tau}
+
+
+def _lines(tau):  # α = 1/T (norm matching), ·(α + 0.5·ℓ/(L−1)) on Tτ; L=2
+  depth = {"encoder/layers_1/kernel": 1.0}
+  return {p: (1 / T + 0.5 * depth.get(p, 0.0)) * T * v for p, v in tau.items()}
+
+
+def _iso_c(tau):  # mean(σ)·U Vᵀ of Σt τt = Tτ per matrix, mean elsewhere
+  out = {}
+  for p, v in tau.items():
+    if v.ndim == 2:
+      u, s, vt = np.linalg.svd(T * v, full_matrices=False)
+      out[p] = s.mean() * u @ vt
+    else:
+      out[p] = v
+  return out
+
+
+def _times_t(tau):
+  return {p: T * v for p, v in tau.items()}
+
+
 IDENTICAL = {
-    "average": lambda tau: tau,
-    "weighted_average": lambda tau: tau,
-    "task_arithmetic": lambda tau: T * tau,
-    "ties": lambda tau: tau,  # density 1: every entry agrees -> mean = τ
-    "model_stock": lambda tau: tau,  # cos = 1 -> t = 1
-    "slerp": lambda tau: tau,  # |cos| > 0.9995 -> lerp of equal tensors
-    "fisher": lambda tau: tau,
-    "regmean": lambda tau: tau,
-    "iso_c": None,  # flattens the spectrum: checked separately below
-    "consensus": lambda tau: T * tau,  # λ=0.4: |τ| > 0.4·2|τ| everywhere
-    "dare": None,  # random
-    "breadcrumbs": None,  # sparse by design
-    "pcb": None,
-    "lines": None,
-    "compeft": None,
-    "tsvm": None,
+    "average": ({}, lambda tau: tau),
+    "weighted_average": ({}, lambda tau: tau),
+    "task_arithmetic": ({}, _times_t),
+    "ties": ({}, _ties),
+    "dare": ({"mode": "magnitude"}, _dare_magnitude),
+    "breadcrumbs": ({"density": 0.5, "top_remove": 0.2}, _breadcrumbs),
+    # λ=0.4: |τ| > 0.4·|Tτ − τ| everywhere, so every mask is full: Tτ.
+    "consensus": ({}, _times_t),
+    "pcb": ({}, _pcb),
+    "lines": ({}, _lines),
+    "model_stock": ({}, lambda tau: tau),  # cos = 1 -> t = 1
+    "slerp": ({}, lambda tau: tau),  # |cos| > 0.9995 -> lerp of equal tensors
+    "fisher": ({}, lambda tau: tau),  # Σ F τ / Σ F
+    "regmean": ({}, lambda tau: tau),  # (ΣG)⁻¹ Σ G τ
+    "compeft": ({}, _compeft),
+    "iso_c": ({}, _iso_c),
+    "tsvm": ({}, None),  # not unique: see the test below
 }
 
 
-@pytest.mark.parametrize(
-    "name", [n for n in ALL if IDENTICAL.get(n) is not None]
-)
+def _check_tsvm_identical(got, tau):
+  """TSV-M: T copies of U_k make the polar factors of the concatenated bases
+  non-unique beyond rank k; what is determined is that the top-k singular
+  pairs are kept (out V_k = U_k S_k, U_kᵀ out = S_k V_kᵀ, k = min(m, n)
+  // T); other leaves get the mean."""
+  for p, v in tau.items():
+    if v.ndim != 2:
+      np.testing.assert_allclose(got[p], v, rtol=1e-4, atol=1e-5)
+      continue
+    k = min(v.shape) // T
+    u, s, vt = np.linalg.svd(v, full_matrices=False)
+    np.testing.assert_allclose(
+        got[p] @ vt[:k].T, u[:, :k] * s[:k], rtol=1e-4, atol=1e-4
+    )
+    np.testing.assert_allclose(
+        u[:, :k].T @ got[p], s[:k, None] * vt[:k], rtol=1e-4, atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_identical_finetuned_models(name, pre):
+  hp, want_fn = IDENTICAL[name]
   ft = _finetuned(pre, 1)[0]
-  hp = {"density": 1.0} if name == "ties" else {}
   out = _merge(name, pre, [ft] * _n(name), **hp)
+  got = {
+      p: np.asarray(o, np.float64) - np.asarray(q, np.float64)
+      for p, o, q in zip(
+          mtree.paths(out), jax.tree.leaves(out), jax.tree.leaves(pre)
+      )
+  }
   tau = mtx.task_vectors.task_vector(pre, ft)
-  want = mtx.task_vectors.apply(pre, jax.tree.map(IDENTICAL[name], tau))
-  _close(out, want, 1e-4)
-
-
-def test_identical_models_under_iso_c_keep_singular_directions(pre):
-  ft = _finetuned(pre, 1)[0]
-  out = _merge("iso_c", pre, [ft] * T)
-  tau = mtx.task_vectors.task_vector(pre, ft)
-  got = mtx.task_vectors.task_vector(pre, out)["encoder"]["layers_0"]["kernel"]
-  u, s, vt = np.linalg.svd(
-      T * np.asarray(tau["encoder"]["layers_0"]["kernel"]), full_matrices=False
-  )
-  np.testing.assert_allclose(got, s.mean() * u @ vt, rtol=1e-4, atol=1e-5)
+  tau = dict(zip(mtree.paths(tau), map(np.asarray, jax.tree.leaves(tau))))
+  if want_fn is None:
+    _check_tsvm_identical(got, tau)
+    return
+  want = want_fn(tau)
+  assert set(want) == set(got)
+  for p in want:
+    np.testing.assert_allclose(
+        got[p], want[p], rtol=1e-4, atol=1e-5, err_msg=f"{name} {p}"
+    )
+  assert any(np.abs(w).max() > 0 for w in want.values())  # not trivially 0
 
 
 def test_every_method_is_covered_by_the_identical_table():
@@ -259,18 +362,57 @@ def test_per_layer_scale_prefix_tree(pre):
   _close(out, want, 1e-5)
 
 
+class _Compiles:
+  """Counts XLA compilations (``jax.log_compiles`` records) in a block."""
+
+  def __enter__(self):
+    import logging
+
+    self.records = []
+    outer = self
+
+    class _H(logging.Handler):
+
+      def emit(self, record):
+        if "Compiling" in record.getMessage():
+          outer.records.append(record.getMessage())
+
+    self._h = _H()
+    self._log = jax.log_compiles()
+    self._log.__enter__()
+    logging.getLogger("jax").addHandler(self._h)
+    return self
+
+  def __exit__(self, *exc):
+    import logging
+
+    logging.getLogger("jax").removeHandler(self._h)
+    self._log.__exit__(*exc)
+
+  @property
+  def count(self):
+    return len(self.records)
+
+
 def test_scale_sweep_is_one_vmapped_program(pre):
   fts = _finetuned(pre, T)
   tvs = mtree.stack([mtx.task_vectors.task_vector(pre, f) for f in fts])
   ties = mtx.merging.get("ties", density=0.5)
   stats = ties.prepare(tvs)
-  scales = jnp.linspace(0.1, 1.0, 4)
   sweep = jax.jit(
       jax.vmap(
           lambda tvs, s: ties.combine(tvs, stats, scale=s), in_axes=(None, 0)
       )
   )
-  out = sweep(tvs, scales)
+  scales = jnp.linspace(0.1, 1.0, 4)
+  with _Compiles() as c:
+    out = jax.block_until_ready(sweep(tvs, scales))
+  # The whole sweep is one program: one compilation for all 4 scales...
+  assert c.count == 1, c.records
+  other = jax.block_until_ready(scales[::-1] * 0.5)
+  with _Compiles() as c:
+    jax.block_until_ready(sweep(tvs, other))
+  assert c.count == 0, c.records  # ...and none for new values.
   for i, s in enumerate(scales):
     want = mtx.merging.merge(pre, fts, "ties", density=0.5, scale=float(s))
     _close(
@@ -278,11 +420,20 @@ def test_scale_sweep_is_one_vmapped_program(pre):
         mtx.task_vectors.task_vector(pre, want),
         1e-5,
     )
-  # and through merge() itself under vmap
-  vm = jax.vmap(
-      lambda s: mtx.merging.merge(pre, fts, "task_arithmetic", scale=s)
-  )(scales)
+  # and through merge() itself under vmap: compiled once per batch shape.
+  vmerge = jax.jit(
+      jax.vmap(
+          lambda s: mtx.merging.merge(pre, fts, "task_arithmetic", scale=s)
+      )
+  )
+  with _Compiles() as c:
+    vm = vmerge(scales)
+  assert c.count == 1, c.records
   assert vm["logit_scale"].shape == (4,)
+  other = jax.block_until_ready(scales + 1.0)
+  with _Compiles() as c:
+    jax.block_until_ready(vmerge(other))
+  assert c.count == 0, c.records
 
 
 def test_grad_reaches_the_scale(pre):
@@ -314,13 +465,25 @@ def test_x64_run():
       "pre = {'w': jnp.zeros(5, jnp.float64)}\n"
       "fts = [{'w': jnp.array([1e-9, 2., -3., 4., 5.], jnp.float64)},\n"
       "       {'w': jnp.array([1e-9, -2., 3., 4., 1.], jnp.float64)}]\n"
+      "data = {'fisher': {'fishers': [{'w': jnp.ones(5)}] * 2},\n"
+      "        'regmean': {'grams': [{'m': jnp.eye(3)}, {'m': 2 * jnp.eye(3)}]}}\n"
+      "pre['m'] = jnp.zeros((3, 2), jnp.float64)\n"
+      "for f in fts: f['m'] = jnp.arange(6.0).reshape(3, 2) + 1e-12\n"
+      "assert len(mtx.merging.METHODS) == 16\n"
       "for m in mtx.merging.METHODS:\n"
-      "  if m in ('fisher', 'regmean'): continue\n"
-      "  out = mtx.merging.merge(pre, fts, m, key=jax.random.key(0))\n"
-      "  assert out['w'].dtype == jnp.float64, (m, out['w'].dtype)\n"
+      "  out = mtx.merging.merge(pre, fts, m, key=jax.random.key(0),\n"
+      "                          **data.get(m, {}))\n"
+      "  for x in jax.tree.leaves(out):\n"
+      "    assert x.dtype == jnp.float64, (m, x.dtype)\n"
+      "# Fisher and RegMean of equal matrices are that matrix, to 1e-12.\n"
+      "for m in ('fisher', 'regmean'):\n"
+      "  out = mtx.merging.merge(pre, fts, m, **data[m])\n"
+      "  np.testing.assert_allclose(out['m'], fts[0]['m'], rtol=0, atol=1e-14)\n"
+      "  np.testing.assert_allclose(out['w'], (fts[0]['w'] + fts[1]['w']) / 2,\n"
+      "                             rtol=1e-12, atol=1e-15)\n"
       "out = mtx.merging.merge(pre, fts, 'average')\n"
       "assert out['w'][0] == 1e-9, out['w'][0]\n"
-      "out = mtx.merging.merge(pre, fts, 'ties', density=0.4)\n"
+      "out = mtx.merging.merge(pre, fts, 'ties', density=0.4, include='^w$')\n"
       "np.testing.assert_array_equal(out['w'], [0, 0, 3, 4, 5])\n"
       "print('ok')\n"
   )

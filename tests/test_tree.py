@@ -487,3 +487,10 @@ def test_assert_same_structure_container_type_differs():
     mtree.assert_same_structure(
         [jnp.zeros(1), jnp.zeros(1)], (jnp.zeros(1), jnp.zeros(1))
     )
+
+
+def test_dtype_of_a_string_leaf_is_a_string_dtype():
+  # np.result_type("float32") would read the string as a dtype name.
+  assert mtree.dtype_of("float32").kind == "U"
+  assert mtree.dtype_of(b"vit").kind == "S"
+  assert not mtree.is_floating("float32")

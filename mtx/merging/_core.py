@@ -38,6 +38,7 @@ import numpy as np
 
 from mtx import _select
 from mtx import tree as mtree
+from mtx.merging import _checks
 
 PyTree = Any
 
@@ -504,6 +505,11 @@ class Merger:
       its inputs and from per-leaf values that do not depend on the position
       (no reductions, no randomness), so a leaf may be merged in row ranges
       with the same result (streamed merges of large leaves do).
+    coeff_specs: how each continuous coefficient is checked when concrete
+      (``name -> Coeff``; finite real numbers at least).
+    data_check: ``data_check(name, path, leaf_shape) -> expected shape`` of
+      a leaf's entry of ``data`` (raises ``ValueError`` where the leaf may
+      take none); None: the leaf's own shape.
   """
 
   name: str
@@ -518,6 +524,15 @@ class Merger:
   min_tasks: int = 1
   max_tasks: int | None = None
   elementwise: bool = False
+  coeff_specs: Mapping[str, _checks.Coeff] = dataclasses.field(
+      default_factory=dict
+  )
+  data_check: Callable[[str, str, tuple[int, ...]], tuple[int, ...]] | None = (
+      None
+  )
+
+  def __post_init__(self):
+    self._check_coeffs(self.coeffs, None)
 
   def _identity(self):
     return (self.name, self.static, self.leaf_fn, self.prepare_fn)
@@ -569,10 +584,13 @@ class Merger:
       The merged task vector, leaves ``[...]`` in the input dtype.
     """
     self._check_key(key)
-    coeffs = self._coeffs(coeffs)
     paths, leaves, treedef = mtree.flatten(task_vectors)
     t = _num_tasks_stacked(paths, leaves)
     self._check_num_tasks(t)
+    coeffs = self._coeffs(coeffs, t)
+    self._check_data(
+        {p: tuple(np.shape(x)[1:]) for p, x in zip(paths, leaves)}, t
+    )
     if stats is None:
       stats = self._prepare(source_from_stacked(task_vectors), key)
     scales = _broadcast_scale(scale, task_vectors, self, t)
@@ -602,20 +620,61 @@ class Merger:
       return Stats()
     return self.prepare_fn(self.static, src, key)
 
-  def _coeffs(self, overrides: Mapping[str, Any]) -> dict[str, Any]:
+  def _coeffs(
+      self, overrides: Mapping[str, Any], t: int | None = None
+  ) -> dict[str, Any]:
     unknown = sorted(set(overrides) - set(self.coeffs))
     if unknown:
       raise ValueError(
           f"unknown coefficient(s) {unknown} for method {self.name!r}; it "
           f"takes {sorted(self.coeffs) or 'none'} besides scale"
       )
-    return {**self.coeffs, **overrides}
+    out = {**self.coeffs, **overrides}
+    self._check_coeffs(out, t)
+    return out
+
+  def _check_coeffs(self, coeffs: Mapping[str, Any], t: int | None) -> None:
+    for name, value in coeffs.items():
+      spec = self.coeff_specs.get(name, _checks.Coeff())
+      _checks.coeff(self.name, name, value, spec, t)
 
   def _check_key(self, key) -> None:
     if self.needs_key and key is None:
       raise ValueError(
           f"method {self.name!r} is random: pass key=jax.random.key(...)"
       )
+    _checks.key(self.name, key)
+
+  def _check_data(self, shapes: Mapping[str, tuple[int, ...]], t: int):
+    """Checks the method's data (Fisher, Grams) like params: one tree per
+    model, known leaves, expected shapes, real finite values."""
+    for name, per_task in self.data:
+      if len(per_task) != t:
+        raise ValueError(f"{name}: got {len(per_task)} trees for {t} models")
+      for j, d in enumerate(per_task):
+        for p, v in d.items():
+          if p not in shapes:
+            raise ValueError(
+                f"{name} names leaf {p!r}, which is not a merged leaf"
+            )
+          want = (
+              shapes[p]
+              if self.data_check is None
+              else tuple(self.data_check(name, p, shapes[p]))
+          )
+          if tuple(np.shape(v)) != want:
+            raise ValueError(
+                f"{name}[{j}] for leaf {p!r} has shape {np.shape(v)}; "
+                f"expected {want}"
+            )
+          dt = mtree.dtype_of(v)
+          if not _checks.is_real(dt):
+            raise ValueError(
+                f"{name}[{j}] for leaf {p!r} has dtype {dt}; expected real "
+                "numbers"
+            )
+          if not _checks.is_traced(v) and not _checks.finite_host_or_device(v):
+            raise ValueError(f"{name}[{j}] has NaN or Inf at leaf {p!r}")
 
   def _check_num_tasks(self, t: int) -> None:
     if t < self.min_tasks:
@@ -670,7 +729,11 @@ def _broadcast_scale(scale, like: PyTree, merger: Merger, t: int) -> list:
         f"params: {e}"
     ) from None
   paths, leaves, _ = mtree.flatten(full)
+  if scale is None or len(leaves) != len(jax.tree.leaves(like)):
+    raise ValueError(f"scale must be a number or a tree of numbers: {scale!r}")
   for p, s in zip(paths, leaves):
+    if not _checks.is_traced(s):
+      _checks.real_array(f"scale for {p!r}", s)
     shape = np.shape(s)
     if shape not in ((), (t,)):
       raise ValueError(
@@ -686,25 +749,6 @@ def _broadcast_scale(scale, like: PyTree, merger: Merger, t: int) -> list:
 
 # ----------------------------------------------------------------------------
 # merge(): models in, model out.
-
-
-def _finite_leaf(x) -> bool:
-  if _select.on_host(x):
-    a = np.asarray(x).ravel()
-    if a.dtype not in (np.float32, np.float64):
-      a = a.astype(np.float32)
-    # A NaN or Inf anywhere makes the sum of squares non-finite, so a finite
-    # one proves the leaf finite (one BLAS pass). Only then (overflow, or a
-    # real NaN/Inf) look entry by entry.
-    if np.isfinite(np.dot(a, a)):
-      return True
-    return bool(np.isfinite(a).all())
-  return bool(_all_finite(x))
-
-
-@jax.jit
-def _all_finite(x):
-  return jnp.all(jnp.isfinite(x))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -793,21 +837,15 @@ def prepare_leaves(
   """
   merger._check_key(key)
   merger._check_num_tasks(num_tasks)
-  coeffs = merger._coeffs(coeffs)
+  coeffs = merger._coeffs(coeffs, num_tasks)
   paths, like_leaves, _ = mtree.flatten(like)
+  for i in selected:
+    _checks.leaf_dtype(paths[i], like_leaves[i])
   per_scale = [_broadcast_scale(s, like, merger, num_tasks) for s in scales]
   data_paths = [paths[i] for i in selected]
-  for name, per_task in merger.data:
-    if len(per_task) != num_tasks:
-      raise ValueError(
-          f"{name}: got {len(per_task)} trees for {num_tasks} models"
-      )
-    for d in per_task:
-      unknown = sorted(set(d) - set(data_paths))
-      if unknown:
-        raise ValueError(
-            f"{name} names leaf {unknown[0]!r}, which is not a merged leaf"
-        )
+  merger._check_data(
+      {paths[i]: tuple(np.shape(like_leaves[i])) for i in selected}, num_tasks
+  )
   position = {i: j for j, i in enumerate(selected)}
   parts = dict(parts or {}) if rows is not None and host else {}
   src = Source(
@@ -880,7 +918,7 @@ def merge_models(
     raise ValueError("no fine-tuned models to merge")
   merger._check_key(key)
   merger._check_num_tasks(len(finetuned))
-  coeffs = merger._coeffs(coeffs)
+  coeffs = merger._coeffs(coeffs, len(finetuned))
   for i, ft in enumerate(finetuned):
     mtree.assert_same_structure(
         pretrained, ft, names=("pretrained", f"finetuned[{i}]")
@@ -894,17 +932,21 @@ def merge_models(
         f"include={include!r} / exclude={exclude!r} select no leaf"
     )
   for i in idx:
-    if not mtree.is_floating(pre_leaves[i]):
-      raise ValueError(
-          f"leaf {paths[i]!r} has dtype {mtree.dtype_of(pre_leaves[i])}; "
-          "integer leaves cannot be differenced; leave it out with exclude="
-      )
+    _checks.leaf_dtype(paths[i], pre_leaves[i])
+    for j, f in enumerate(ft_leaves):
+      _checks.leaf_dtype(paths[i], f[i], f"finetuned[{j}]")
+      if mtree.dtype_of(f[i]) != mtree.dtype_of(pre_leaves[i]):
+        raise ValueError(
+            f"dtype mismatch at {paths[i]!r}: pretrained "
+            f"{mtree.dtype_of(pre_leaves[i])} vs finetuned[{j}] "
+            f"{mtree.dtype_of(f[i])}"
+        )
   if check_finite:
     for i in idx:
       for name, x in [("pretrained", pre_leaves[i])] + [
           (f"finetuned[{j}]", f[i]) for j, f in enumerate(ft_leaves)
       ]:
-        if not _finite_leaf(x):
+        if not _checks.finite_host_or_device(x):
           raise ValueError(
               f"{name} has NaN or Inf at {paths[i]!r} (pass "
               "check_finite=False to skip this check)"

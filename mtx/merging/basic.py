@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from mtx.merging import _checks
 from mtx.merging import _core
 
 
@@ -53,19 +54,25 @@ def weighted_average(
 
   Args:
     weights: ``[T]`` weights (a traced coefficient: override per call with
-      ``weights=...``); None means uniform.
+      ``weights=...``); None means uniform. Finite; may be negative (task
+      negation), but with ``normalize`` they must not sum to 0.
     normalize: divide by ``Σ wt`` (MergeKit's default); else ``Σ wt τt``.
+
+  Raises:
+    ValueError: weights that are not finite real numbers, sum to 0 (with
+      ``normalize``), or whose length is not the number of models.
   """
+  spec = _checks.Coeff("per_task", none_ok=True, nonzero_sum=bool(normalize))
   if weights is not None:
+    _checks.coeff("weighted_average", "weights", weights, spec, None)
     weights = jnp.asarray(weights, jnp.float32)
-    if weights.ndim != 1:
-      raise ValueError(f"weights must be a [T] vector, got {weights.shape}")
   return _core.Merger(
       "weighted_average",
       (bool(normalize),),
       {"weights": weights},
       _weighted_leaf,
       elementwise=True,
+      coeff_specs={"weights": spec},
   )
 
 

@@ -57,7 +57,7 @@ def _prepare(static, src: _core.Source, key=None):
   density, top_remove, axis = static
   per_leaf = []
   for i, shape in enumerate(src.shapes):
-    if len(shape) == 0:
+    if len(shape) == 0 or src.sizes[i] == 0:  # nothing to mask
       per_leaf.append(None)
       continue
     if axis is None:

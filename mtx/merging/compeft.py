@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from mtx.merging import _checks
 from mtx.merging import _core
 from mtx.merging import ties as _ties
 
@@ -30,9 +31,21 @@ def ternarize(tv: _core.Tasks, thresholds, magnitudes) -> _core.Tasks:
   )
 
 
-def _squares(static, tv):
+def _squares(static, tv, c):
   del static
-  return tv, tuple(x * x for x in tv)
+  return tv, tuple(jnp.square(x * c.astype(x.dtype)) for x in tv)
+
+
+def _moments(src: _core.Source, c: float) -> tuple[np.ndarray, np.ndarray]:
+  """Per task ``Σ τ`` and ``Σ (c·τ)²`` over all leaves (float64 sums)."""
+  t = src.num_tasks
+  s1 = np.zeros(t)
+  s2 = np.zeros(t)
+  for i in range(len(src)):
+    xs, sq = src.run(_squares, None, i, np.float32(c))
+    s1 += [src.total(x) for x in xs]
+    s2 += [src.total(x) for x in sq]
+  return s1, s2
 
 
 def compeft_stats(src: _core.Source, density: float, topk_rule: str):
@@ -43,14 +56,15 @@ def compeft_stats(src: _core.Source, density: float, topk_rule: str):
     raise ValueError("ComPEFT needs at least 2 entries per task vector")
   k = _ties.num_kept(d, density, topk_rule)
   thr = src.global_kth_largest(np.full((t,), k))
-  s1 = np.zeros(t)
-  s2 = np.zeros(t)
-  for i in range(len(src)):
-    xs, sq = src.run(_squares, None, i)
-    s1 += [src.total(x) for x in xs]
-    s2 += [src.total(x) for x in sq]
+  c = 1.0
+  s1, s2 = _moments(src, c)
+  if not np.isfinite(s2).all():  # |τ| near 1e19 or more: τ² overflowed
+    big = float(np.max(src.global_kth_largest(np.ones((t,), int))))
+    c = 1.0 / big
+    s1, s2 = _moments(src, c)
+  s1 = s1 * c
   var = (s2 - s1 * s1 / d) / (d - 1)
-  return np.asarray(thr), np.sqrt(np.maximum(var, 0.0))
+  return np.asarray(thr), np.sqrt(np.maximum(var, 0.0)) / c
 
 
 def _leaf(static, tv, ctx):
@@ -87,4 +101,5 @@ def compeft(
       _leaf,
       _prepare,
       per_task_scale=True,
+      coeff_specs={"alpha": _checks.Coeff(lo=0.0)},
   )

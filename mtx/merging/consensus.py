@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from mtx.merging import _checks
 from mtx.merging import _core
 
 
@@ -81,7 +82,7 @@ def consensus(
 
   Args:
     k: minimum number of tasks whose TALL mask contains an entry.
-    tall_lambda: λ of the TALL masks.
+    tall_lambda: λ of the TALL masks: a finite ``λ >= 0``, or one per model.
     base: ``"task_arithmetic"`` or ``"ties"``.
     **base_hparams: TIES hyperparameters when ``base="ties"``.
 
@@ -113,4 +114,5 @@ def consensus(
       {"tall_lambda": tall_lambda},
       _leaf,
       _prepare if b is not None and b.prepare_fn is not None else None,
+      coeff_specs={"tall_lambda": _checks.Coeff("either", lo=0.0)},
   )

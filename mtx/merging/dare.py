@@ -185,4 +185,6 @@ def dare(
       per_task_scale=base.per_task_scale,
       min_tasks=base.min_tasks,
       max_tasks=base.max_tasks,
+      coeff_specs=base.coeff_specs,
+      data_check=base.data_check,
   )

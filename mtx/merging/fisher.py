@@ -19,7 +19,9 @@ import jax
 import jax.numpy as jnp
 
 from mtx import tree as mtree
+from mtx.merging import _checks
 from mtx.merging import _core
+from mtx.merging import ties as _ties
 
 
 def _by_path(name: str, trees: Sequence[Any]) -> list[dict[str, Any]]:
@@ -62,7 +64,10 @@ def fisher(
       structure, or a ``{path: array}`` dict covering some leaves). Leaves
       without a Fisher are (weighted) averaged.
     weights: ``[T]`` model weights (traced coefficient); None = uniform.
-    eps: added to every Fisher entry (the reference's floor).
+      Finite, non-negative, not all 0.
+    eps: added to every Fisher entry (the reference's floor), ``>= 0``.
+
+  Each Fisher must have its leaf's shape and be finite.
 
   >>> import jax.numpy as jnp, mtx
   >>> pre = {"w": jnp.zeros(2)}
@@ -72,13 +77,18 @@ def fisher(
   ...                                          fishers=fis)["w"].tolist()]
   [1.0, 3.0]
   """
+  eps = _checks.number("fisher eps", eps, lo=0.0)
+  if weights is not None:
+    _checks.coeff("fisher", "weights", weights, _ties.WEIGHTS, None)
+    weights = jnp.asarray(weights, jnp.float32)
   data = _by_path("fishers", fishers)
   return _core.Merger(
       "fisher",
-      (float(eps),),
-      {"weights": None if weights is None else jnp.asarray(weights)},
+      (eps,),
+      {"weights": weights},
       _fisher_leaf,
       data=(("fishers", data),),
+      coeff_specs={"weights": _ties.WEIGHTS},
   )
 
 
@@ -128,10 +138,14 @@ def regmean(
       ``(ΣG̃ + λI) W = Σ G̃i Wi + λ mean(Wi)`` with ``λ = ridge·mean(diag ΣG̃)``,
       so input directions no sample reached (singular ``ΣG̃``, e.g. dead
       pixels or ReLU units) get the average instead of NaN. ``ridge=0`` is
-      the paper's exact formula.
+      the paper's exact formula. Finite, ``>= 0``.
+
+  Each Gram must be finite and ``[d_in, d_in]`` for its kernel (``d_in`` the
+  kernel's first axis for ``"in_out"``, its second for ``"out_in"``).
   """
   _core.check_choice("layout", layout, ("in_out", "out_in"))
-  _core.check_fraction("alpha", alpha, allow_zero=True)
+  _checks.number("regmean alpha", alpha, lo=0.0, hi=1.0)
+  ridge = _checks.number("regmean ridge", ridge, lo=0.0)
   data = _by_path("grams", grams)
   for d in data:
     for p, g in d.items():
@@ -141,8 +155,21 @@ def regmean(
         )
   return _core.Merger(
       "regmean",
-      (layout, float(ridge)),
+      (layout, ridge),
       {"alpha": alpha},
       _regmean_leaf,
       data=(("grams", data),),
+      coeff_specs={"alpha": _checks.Coeff(lo=0.0, hi=1.0)},
+      data_check=lambda name, path, shape: _gram_shape(layout, path, shape),
   )
+
+
+def _gram_shape(layout: str, path: str, shape) -> tuple[int, int]:
+  """The ``[d_in, d_in]`` Gram shape of a 2-D kernel leaf."""
+  if len(shape) != 2:
+    raise ValueError(
+        f"a Gram matrix is given for leaf {path!r} of shape {shape}, which "
+        "is not a 2-D kernel"
+    )
+  d = shape[0] if layout == "in_out" else shape[1]
+  return (d, d)

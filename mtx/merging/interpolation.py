@@ -18,13 +18,32 @@ def pairwise_cosines(tv, eps: float = 1e-6) -> jnp.ndarray:
   """``[P]`` cosines of the flattened task vectors of one leaf, for the
   pairs ``i < j`` in ``jnp.triu_indices(T, 1)`` order."""
   t = len(tv)
-  norms = [jnp.sqrt(jnp.vdot(x, x)) for x in tv]
-  cos = [
-      jnp.vdot(tv[i], tv[j]) / jnp.maximum(norms[i] * norms[j], eps)
-      for i in range(t)
-      for j in range(i + 1, t)
-  ]
+  # Each vector is divided by its largest magnitude m before the products,
+  # so vectors of entries near 1e20 do not overflow: cos = u·v / (|u| |v|)
+  # for the rescaled u, v where the true norms' product reaches eps, and the
+  # true ``dot / eps`` below it.
+  ms = [_max_abs(x) for x in tv]
+  us = [x / jnp.where(m > 0, m, 1) for x, m in zip(tv, ms)]
+  norms = [jnp.sqrt(jnp.vdot(u, u)) for u in us]
+  cos = []
+  for i in range(t):
+    for j in range(i + 1, t):
+      dot = jnp.vdot(us[i], us[j])
+      big = (ms[i] * norms[i]) * (ms[j] * norms[j]) >= eps
+      safe = jnp.where(big, norms[i] * norms[j], 1)
+      cos.append(jnp.where(big, dot / safe, dot * ms[i] * ms[j] / eps))
   return jnp.clip(jnp.stack(cos), -1.0, 1.0)
+
+
+def _max_abs(x):
+  return jnp.max(jnp.abs(x)) if x.size else jnp.zeros((), x.dtype)
+
+
+def _norm(x):
+  """``‖x‖₂`` without overflow for entries near the dtype's largest."""
+  m = _max_abs(x)
+  safe = jnp.where(m > 0, m, 1)
+  return m * jnp.sqrt(jnp.vdot(x / safe, x / safe))
 
 
 def stock_ratio(tv, average: str = "cosine") -> jnp.ndarray:
@@ -82,8 +101,8 @@ def slerp_arrays(
   ``<= eps`` is not normalised); the weights apply to the unnormalised ones;
   when ``|cos| > 0.9995`` it falls back to linear interpolation (MergeKit).
   """
-  n0 = jnp.linalg.norm(v0.ravel())
-  n1 = jnp.linalg.norm(v1.ravel())
+  n0 = _norm(v0.ravel())
+  n1 = _norm(v1.ravel())
   u0 = jnp.where(n0 > eps, v0 / jnp.where(n0 > eps, n0, 1), v0)
   u1 = jnp.where(n1 > eps, v1 / jnp.where(n1 > eps, n1, 1), v1)
   dot = jnp.sum(u0 * u1)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtx import tree as mtree
+from mtx.merging import _checks
 from mtx.merging import _core
 
 _DEPTH_RE = re.compile(
@@ -49,6 +50,14 @@ def depth_fractions(
 ) -> list[float]:
   """``ℓ/(L−1)`` per path (0 outside the numbered blocks, and when L = 1)."""
   depths = [depth_fn(p) for p in paths]
+  for p, d in zip(paths, depths):
+    if d is not None and (
+        isinstance(d, bool) or not isinstance(d, int | np.integer)
+    ):
+      raise ValueError(
+          f"depth_fn({p!r}) returned {d!r}; expected an int block index or "
+          "None"
+      )
   known = [d for d in depths if d is not None]
   if num_blocks is None:
     num_blocks = max(known) + 1 if known else 1
@@ -191,4 +200,10 @@ def lines(
       per_task_scale=False,
       min_tasks=b.min_tasks,
       max_tasks=b.max_tasks,
+      coeff_specs={
+          **b.coeff_specs,
+          "alpha": _checks.Coeff(none_ok=True),
+          "beta": _checks.Coeff(),
+      },
+      data_check=b.data_check,
   )

@@ -14,9 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtx.merging import _checks
 from mtx.merging import _core
 
 TOPK_RULES = ("paper", "reference")
+
+# Per-task weights: importance weights, so non-negative and not all zero.
+WEIGHTS = _checks.Coeff("per_task", lo=0.0, none_ok=True, nonzero_sum=True)
 
 
 def num_kept(d: int, density: float, rule: str = "paper") -> int:
@@ -216,7 +220,8 @@ def ties(
       agreeing tasks' weights. The ``"majority"`` fallback sign is computed
       without weights. MergeKit's TIES is ``ties(density, scope="per_leaf",
       zero_sign="positive", weights=w)`` (``reduce="sum"`` when its
-      ``normalize`` is false) with ``scale`` = its ``lambda``.
+      ``normalize`` is false) with ``scale`` = its ``lambda``. Finite,
+      non-negative, not all 0, one per model.
 
   Returns:
     A :class:`~mtx.merging.Merger`; ``scale`` (λ, default 1) is a scalar.
@@ -241,9 +246,8 @@ def ties(
   else:
     density = _core.check_fraction("density", density)
   if weights is not None:
+    _checks.coeff("ties", "weights", weights, WEIGHTS, None)
     weights = jnp.asarray(weights, jnp.float32)
-    if weights.ndim != 1:
-      raise ValueError(f"weights must be a [T] vector, got {weights.shape}")
   _core.check_choice("sign", sign, ("mass", "count"))
   _core.check_choice("reduce", reduce, ("mean", "sum", "max"))
   _core.check_choice("scope", scope, ("global", "per_leaf"))
@@ -258,4 +262,5 @@ def ties(
       _leaf,
       prepare if needs_prepare else None,
       elementwise=True,
+      coeff_specs={"weights": WEIGHTS},
   )
