@@ -29,6 +29,10 @@ from mtx.io._st_header import HASH_KEY
 from mtx.io._st_header import parse_size
 from mtx.io._st_header import PathLike
 from mtx.io._st_header import tensor_hash
+from mtx.io.atomic import fsync_dir as _fsync_dir
+from mtx.io.atomic import move_into_place as _move_into_place
+from mtx.io.atomic import occupied as _occupied
+from mtx.io.atomic import umask as _umask
 
 
 def _with_hashes(
@@ -57,25 +61,6 @@ def _as_host(name: str, x: Any) -> np.ndarray:
 def _bytes_of(a: np.ndarray) -> memoryview:
   """The raw little-endian bytes of ``a`` (a copy only if not contiguous)."""
   return memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
-
-
-def _umask() -> int:
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask
-
-
-def _fsync_dir(path: str) -> None:
-  try:
-    fd = os.open(path, os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
 
 
 def write(
@@ -329,44 +314,6 @@ class ShardedWriter:
       self.commit()
     elif not self._done:
       self.abort()
-
-
-def _occupied(path: str) -> bool:
-  """Whether ``path`` exists and is not an empty folder (which a rename
-  replaces atomically)."""
-  if not os.path.lexists(path):
-    return False
-  return not (
-      os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)
-  )
-
-
-def _move_into_place(tmp: str, target: str, overwrite: bool) -> None:
-  """Renames folder ``tmp`` to ``target``; an existing ``target`` (only with
-  ``overwrite``) is moved aside first and removed once ``tmp`` is in place."""
-  old = None
-  if _occupied(target):
-    if not overwrite:
-      raise FileExistsError(
-          f"{target} exists; pass overwrite=True (--overwrite) to replace it"
-      )
-    old = tempfile.mkdtemp(
-        dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.old-"
-    )
-    os.rmdir(old)
-    os.rename(target, old)
-  try:
-    os.rename(tmp, target)
-  except BaseException:
-    if old is not None:
-      os.rename(old, target)
-    raise
-  _fsync_dir(os.path.dirname(target))
-  if old is not None:
-    if os.path.isdir(old) and not os.path.islink(old):
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.unlink(old)
 
 
 def write_sharded(

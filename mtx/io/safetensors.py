@@ -71,12 +71,6 @@ from mtx.io._st_write import ShardedWriter
 from mtx.io._st_write import write
 from mtx.io._st_write import write_sharded
 
-# Private helpers that mtx.io.streaming still reaches for (to be replaced by
-# a public atomic-directory helper).
-from mtx.io._st_write import _move_into_place  # noqa: F401
-from mtx.io._st_write import _occupied  # noqa: F401
-from mtx.io._st_write import _umask  # noqa: F401
-
 __all__ = [
     "Checkpoint",
     "HASH_KEY",
