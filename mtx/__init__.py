@@ -12,8 +12,9 @@ Modules:
   io: safetensors / Hugging Face checkpoint import and export.
   checkpoint: orbax save/restore with metadata (imports orbax).
   training: optimizer, loss and (linearised) train/eval steps.
+  learned: data-driven merging (Fisher diagonals, RegMean Gram matrices).
 
-The last six load on first use (``mtx.models``), so ``import mtx`` stays
+The last seven load on first use (``mtx.models``), so ``import mtx`` stays
 light and the core needs only jax and numpy.
 """
 
@@ -27,7 +28,15 @@ from mtx import tree
 
 __version__ = "0.1.0"
 
-_LAZY = ("checkpoint", "data", "io", "models", "moe", "training")
+_LAZY = (
+    "checkpoint",
+    "data",
+    "io",
+    "learned",
+    "models",
+    "moe",
+    "training",
+)
 
 
 def __getattr__(name):
@@ -40,6 +49,7 @@ __all__ = [
     "checkpoint",
     "data",
     "io",
+    "learned",
     "merging",
     "models",
     "moe",

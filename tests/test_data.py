@@ -143,3 +143,67 @@ def test_augment_shifts_and_is_deterministic():
     r, c = np.argwhere(o[..., 0] == 1.0)[0]
     assert abs(r - 2) <= 1 and abs(c - 2) <= 1 and o.sum() == 1.0
   assert data.augment(jax.random.key(0), img, max_shift=0).sum() == 2.0
+
+
+def _fake_fashion(directory, n_train=40, n_test=20):
+  directory.mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  for prefix, n in (("train", n_train), ("t10k", n_test)):
+    _write_idx(
+        directory / f"{prefix}-images-idx3-ubyte",
+        rng.integers(0, 255, (n, 28, 28)).astype(np.uint8),
+    )
+    _write_idx(
+        directory / f"{prefix}-labels-idx1-ubyte.gz",
+        (np.arange(n) % 10).astype(np.uint8),
+        gz=True,
+    )
+
+
+def test_idx_directory_order_data_dir_env_default(tmp_path, monkeypatch):
+  monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+  default = pathlib.Path(_FASHION)
+  assert data.idx_directory("fashion_mnist") == default
+  # A root holding the files itself, or a fashion-mnist/ subfolder.
+  flat, nested = tmp_path / "flat", tmp_path / "nested"
+  _fake_fashion(flat)
+  _fake_fashion(nested / "fashion-mnist")
+  assert data.idx_directory("fashion_mnist", flat) == flat
+  monkeypatch.setenv(data.DATA_DIR_ENV, str(nested))
+  assert data.idx_directory("fashion_mnist") == nested / "fashion-mnist"
+  # The explicit directory wins over the environment.
+  assert data.idx_directory("fashion_mnist", flat) == flat
+  # A root without the files falls through to the next candidate.
+  assert (
+      data.idx_directory("fashion_mnist", tmp_path / "empty")
+      == nested / "fashion-mnist"
+  )
+  loaded = data.load("fashion_mnist")
+  assert loaded["train"].images.shape == (40, 28, 28, 1)
+  with pytest.raises(ValueError, match="no default location for IDX"):
+    data.idx_directory("kmnist")
+
+
+def test_suite_reads_fashion_from_data_dir(tmp_path, monkeypatch):
+  from mtx.data import tasks  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+  monkeypatch.setitem(
+      data.IDX_LOCATIONS,
+      "fashion_mnist",
+      (str(tmp_path / "nowhere"), "install dataset-fashion-mnist"),
+  )
+  names = ["digits", "fashion_footwear"]
+  lines = []
+  out, skipped = tasks.load_suite(names, image_size=8, log=lines.append)
+  assert list(out) == ["digits"] and set(skipped) == {"fashion_footwear"}
+  assert str(tmp_path / "nowhere") in skipped["fashion_footwear"]
+  _fake_fashion(tmp_path / "mine" / "fashion-mnist", n_train=100, n_test=50)
+  out, skipped = tasks.load_suite(
+      names, image_size=8, data_dir=tmp_path / "mine"
+  )
+  assert list(out) == names and not skipped
+  assert out["fashion_footwear"]["test"].num_classes == 3
+  monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "mine"))
+  out, skipped = tasks.load_suite(names, image_size=8)
+  assert list(out) == names and not skipped

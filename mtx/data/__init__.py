@@ -14,12 +14,14 @@ reader serves MNIST / KMNIST / EMNIST files a user has. Images are float32 in
 [1259, 179, 359]
 """
 
+from mtx.data._core import DATA_DIR_ENV
 from mtx.data._core import Dataset
 from mtx.data._core import IDX_LOCATIONS
 from mtx.data._core import TRANSFORMS
 from mtx.data._core import augment
 from mtx.data._core import batch_indices
 from mtx.data._core import batches
+from mtx.data._core import idx_directory
 from mtx.data._core import load
 from mtx.data._core import load_digits
 from mtx.data._core import load_idx
@@ -31,12 +33,14 @@ from mtx.data._core import transform
 from mtx.data import tasks
 
 __all__ = [
+    "DATA_DIR_ENV",
     "IDX_LOCATIONS",
     "TRANSFORMS",
     "Dataset",
     "augment",
     "batch_indices",
     "batches",
+    "idx_directory",
     "load",
     "load_digits",
     "load_idx",

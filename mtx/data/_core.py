@@ -57,9 +57,53 @@ FASHION_MNIST_CLASSES = (
 IDX_LOCATIONS = {
     "fashion_mnist": (
         "/usr/share/datasets/fashion-mnist",
-        "install the Debian package: apt-get install dataset-fashion-mnist",
+        "install the Debian package (apt-get install dataset-fashion-mnist),"
+        " or put the four IDX files in $MTX_DATA_DIR/fashion-mnist or"
+        " --config.data_dir",
     ),
 }
+# The environment variable naming a directory of data sets.
+DATA_DIR_ENV = "MTX_DATA_DIR"
+
+
+def _has_idx(directory: Path) -> bool:
+  stem = directory / "train-images-idx3-ubyte"
+  return stem.exists() or stem.with_name(stem.name + ".gz").exists()
+
+
+def idx_directory(name: str, data_dir: str | os.PathLike | None = None) -> Path:
+  """Where the IDX data set ``name`` (a key of :data:`IDX_LOCATIONS`) is read.
+
+  The first of: ``data_dir``, then ``$MTX_DATA_DIR``, then the packaged
+  location. A given root holds the files itself or in a subfolder named
+  like the packaged folder or like ``name`` (``fashion_mnist`` or
+  ``fashion-mnist``). A root
+  without the files falls through to the next candidate, so the returned
+  directory may still lack them (:func:`load_idx` says how to get them).
+
+  Raises:
+    ValueError: ``name`` has no packaged location.
+  """
+  if name not in IDX_LOCATIONS:
+    raise ValueError(
+        f"no default location for IDX data set {name!r}; known:"
+        f" {sorted(IDX_LOCATIONS)}"
+    )
+  default = Path(IDX_LOCATIONS[name][0])
+  for root in (data_dir, os.environ.get(DATA_DIR_ENV)):
+    if not root:
+      continue
+    root = Path(root).expanduser()
+    for d in (
+        root,
+        root / default.name,
+        root / name,
+        root / name.replace("_", "-"),
+    ):
+      if _has_idx(d):
+        return d
+  return default
+
 
 _IDX_DTYPES = {
     0x08: np.uint8,
@@ -130,8 +174,8 @@ def load_idx(
   ``.gz``) in ``directory``.
 
   Args:
-    directory: where the files are (default: the packaged location of
-      ``name`` in :data:`IDX_LOCATIONS`).
+    directory: where the files are (default: :func:`idx_directory`, i.e.
+      ``$MTX_DATA_DIR`` or the packaged location of ``name``).
     name: data set name (selects the default directory and class names).
     class_names: optional class names.
 
@@ -140,11 +184,7 @@ def load_idx(
   """
   hint = IDX_LOCATIONS.get(name, (None, ""))[1]
   if directory is None:
-    if name not in IDX_LOCATIONS:
-      raise ValueError(
-          f"no default location for IDX data set {name!r}; pass directory="
-      )
-    directory = IDX_LOCATIONS[name][0]
+    directory = idx_directory(name)
   directory = Path(directory)
   try:
     files = {
@@ -197,14 +237,24 @@ def load_digits() -> Dataset:
   )
 
 
-def load(name: str, directory: str | os.PathLike | None = None) -> dict:
+def load(
+    name: str,
+    directory: str | os.PathLike | None = None,
+    *,
+    data_dir: str | os.PathLike | None = None,
+) -> dict:
   """Loads a named data set as ``{"train", "test"}`` splits.
 
   ``"digits"`` has no official test split: 20% (fixed seed) is held out.
+  IDX data sets are read from ``directory``, else from
+  :func:`idx_directory` (``data_dir``, ``$MTX_DATA_DIR``, the packaged
+  location).
   """
   if name == "digits":
     s = split(load_digits(), validation=0.0, test=0.2, seed=0)
     return {"train": s["train"], "test": s["test"]}
+  if directory is None and name in IDX_LOCATIONS:
+    directory = idx_directory(name, data_dir)
   if name in IDX_LOCATIONS or directory is not None:
     return load_idx(directory, name=name)
   raise ValueError(

@@ -211,8 +211,11 @@ def _seed(*parts) -> int:
   )
 
 
-def source_missing(source: str) -> str | None:
-  """Why ``source`` cannot be loaded here (None if it can)."""
+def source_missing(
+    source: str, data_dir: str | os.PathLike | None = None
+) -> str | None:
+  """Why ``source`` cannot be loaded here (None if it can); IDX sources are
+  looked for as :func:`mtx.data.idx_directory` does."""
   if source == "digits":
     try:
       import sklearn  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
@@ -220,11 +223,16 @@ def source_missing(source: str) -> str | None:
       return "scikit-learn is not installed (pip install scikit-learn)"
     return None
   if source in _core.IDX_LOCATIONS:
-    directory, hint = _core.IDX_LOCATIONS[source]
+    hint = _core.IDX_LOCATIONS[source][1]
+    directory = _core.idx_directory(source, data_dir)
     stem = Path(directory) / "train-images-idx3-ubyte"
     if stem.exists() or stem.with_name(stem.name + ".gz").exists():
       return None
-    return f"no {source} files in {directory} ({hint})"
+    looked = [str(directory)]
+    for root in (data_dir, os.environ.get(_core.DATA_DIR_ENV)):
+      if root and str(root) not in looked:
+        looked.insert(0, str(root))
+    return f"no {source} files in {', '.join(looked)} ({hint})"
   return f"unknown source {source!r}"
 
 
@@ -276,6 +284,7 @@ def load_suite(
     seed: int = 0,
     tasks: dict[str, Task] | None = None,
     log: Callable[[str], None] | None = None,
+    data_dir: str | os.PathLike | None = None,
 ) -> tuple[dict[str, dict[str, Dataset]], dict[str, str]]:
   """Loads a suite's tasks; tasks whose source is missing are skipped.
 
@@ -289,6 +298,9 @@ def load_suite(
     seed: split and subsample seed.
     tasks: task definitions (default :data:`TASKS`).
     log: called with a line for each skipped task.
+    data_dir: where IDX sources are looked for first (then
+      ``$MTX_DATA_DIR``, then the packaged location; see
+      :func:`mtx.data.idx_directory`).
 
   Returns:
     ``(tasks, skipped)``: ``{name: {"train", "validation", "test"}}`` in
@@ -309,8 +321,10 @@ def load_suite(
   for n in names:
     t = defs[n]
     if t.source not in sources:
-      why = source_missing(t.source)
-      sources[t.source] = why if why else _core.load(t.source)
+      why = source_missing(t.source, data_dir)
+      sources[t.source] = (
+          why if why else _core.load(t.source, data_dir=data_dir)
+      )
     raw = sources[t.source]
     if isinstance(raw, str):
       skipped[n] = raw
