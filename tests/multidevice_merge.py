@@ -5,7 +5,9 @@
 Checks, for every registered method: merging params sharded on a 4x2 mesh
 gives the unsharded result and keeps each leaf's sharding; the device
 (bisection) top-k backend agrees with the host one; nothing is gathered onto
-one device (every output leaf spans all 8 devices where its input did).
+one device (every output leaf spans all 8 devices where its input did); and
+the compiled per-leaf merge kernels contain no all-gather, except for the
+methods that say in their docstrings that they gather a leaf (GATHERS).
 Prints one line per check and exits non-zero on the first failure.
 """
 
@@ -45,6 +47,39 @@ RULES = [
 
 def shard(tree, mesh):
   return mtx.sharding.shard(tree, mesh, RULES)
+
+
+# Methods whose docstrings say they gather a 2-D leaf (an SVD or a linear
+# solve needs the whole matrix); every other method's compiled kernels hold
+# no all-gather.
+GATHERS = {"tsvm", "iso_c", "regmean"}
+
+
+class CountGathers:
+  """Wraps the per-leaf merge kernel; counts all-gathers in its compiled HLO
+  for every call on sharded arrays."""
+
+  def __init__(self):
+    self.module = mtx.merging._core  # pylint: disable=protected-access
+    self.kernel = self.module._merge_leaf  # pylint: disable=protected-access
+    self.count = 0
+
+  def __enter__(self):
+    kernel = self.kernel
+
+    def counted(leaf_fn, static, sharding, *args):
+      if sharding is not None:
+        hlo = kernel.lower(leaf_fn, static, sharding, *args).compile()
+        self.count += hlo.as_text().count("all-gather-start") or (
+            hlo.as_text().count(" all-gather(")
+        )
+      return kernel(leaf_fn, static, sharding, *args)
+
+    self.module._merge_leaf = counted  # pylint: disable=protected-access
+    return self
+
+  def __exit__(self, *exc):
+    self.module._merge_leaf = self.kernel  # pylint: disable=protected-access
 
 
 def hparams(name, fts):
@@ -99,7 +134,13 @@ def main() -> int:
             if hasattr(jax.sharding, "use_mesh")
             else jax.set_mesh(mesh)
         ):
-          got = mtx.merging.merge(pre_s, f_s, name, key=key, **hp)
+          with CountGathers() as gathers:
+            got = mtx.merging.merge(pre_s, f_s, name, key=key, **hp)
+        if (gathers.count > 0) != (name in GATHERS):
+          raise AssertionError(
+              f"{gathers.count} all-gathers in the compiled merge kernels; "
+              f"expected {'some' if name in GATHERS else 'none'}"
+          )
         for p, w, g, s in zip(
             mtx.tree.paths(want),
             jax.tree.leaves(want),
@@ -116,7 +157,7 @@ def main() -> int:
           assert g.sharding.is_equivalent_to(
               s.sharding, g.ndim
           ), f"{name} {p}: sharding {g.sharding} != {s.sharding}"
-        print(f"ok   {axis_type:8s} {name}")
+        print(f"ok   {axis_type:8s} {name} ({gathers.count} all-gathers)")
       except Exception as e:  # report every method, then fail
         failures += 1
         print(f"FAIL {axis_type:8s} {name}: {type(e).__name__}: {e}")

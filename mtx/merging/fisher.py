@@ -140,6 +140,10 @@ def regmean(
       pixels or ReLU units) get the average instead of NaN. ``ridge=0`` is
       the paper's exact formula. Finite, ``>= 0``.
 
+  Sharding: the linear solve needs whole matrices, so on a mesh a kernel
+  with a Gram matrix is gathered inside its leaf's kernel (the merged leaf
+  gets the input's sharding back); other leaves are not gathered.
+
   Each Gram must be finite and ``[d_in, d_in]`` for its kernel (``d_in`` the
   kernel's first axis for ``"in_out"``, its second for ``"out_in"``).
   """

@@ -24,15 +24,21 @@ def pairwise_cosines(tv, eps: float = 1e-6) -> jnp.ndarray:
   # true ``dot / eps`` below it.
   ms = [_max_abs(x) for x in tv]
   us = [x / jnp.where(m > 0, m, 1) for x, m in zip(tv, ms)]
-  norms = [jnp.sqrt(jnp.vdot(u, u)) for u in us]
+  norms = [jnp.sqrt(_dot(u, u)) for u in us]
   cos = []
   for i in range(t):
     for j in range(i + 1, t):
-      dot = jnp.vdot(us[i], us[j])
+      dot = _dot(us[i], us[j])
       big = (ms[i] * norms[i]) * (ms[j] * norms[j]) >= eps
       safe = jnp.where(big, norms[i] * norms[j], 1)
       cos.append(jnp.where(big, dot / safe, dot * ms[i] * ms[j] / eps))
   return jnp.clip(jnp.stack(cos), -1.0, 1.0)
+
+
+def _dot(x, y):
+  """``Σ x·y`` over all entries; no ``ravel``, so a sharded leaf is reduced
+  in place (a reshape of a sharded array would gather it)."""
+  return jnp.sum(x * y)
 
 
 def _max_abs(x):
@@ -43,7 +49,7 @@ def _norm(x):
   """``‖x‖₂`` without overflow for entries near the dtype's largest."""
   m = _max_abs(x)
   safe = jnp.where(m > 0, m, 1)
-  return m * jnp.sqrt(jnp.vdot(x / safe, x / safe))
+  return m * jnp.sqrt(_dot(x / safe, x / safe))
 
 
 def stock_ratio(tv, average: str = "cosine") -> jnp.ndarray:
@@ -101,8 +107,8 @@ def slerp_arrays(
   ``<= eps`` is not normalised); the weights apply to the unnormalised ones;
   when ``|cos| > 0.9995`` it falls back to linear interpolation (MergeKit).
   """
-  n0 = _norm(v0.ravel())
-  n1 = _norm(v1.ravel())
+  n0 = _norm(v0)
+  n1 = _norm(v1)
   u0 = jnp.where(n0 > eps, v0 / jnp.where(n0 > eps, n0, 1), v0)
   u1 = jnp.where(n1 > eps, v1 / jnp.where(n1 > eps, n1, 1), v1)
   dot = jnp.sum(u0 * u1)

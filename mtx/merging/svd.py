@@ -8,6 +8,11 @@ References:
 
 Both treat every 2-D leaf as a matrix and average the other leaves (biases,
 norms, convolution kernels), as the authors' code does.
+
+Sharding: an SVD needs the whole matrix, so on a mesh both gather each 2-D
+leaf's task vectors (XLA all-gathers inside the leaf's kernel; the merged
+leaf is given back the input's sharding). The other leaves are not gathered.
+tests/multidevice_merge.py reads the compiled HLO for this.
 """
 
 from __future__ import annotations
@@ -118,7 +123,8 @@ def tsvm() -> _core.Merger:
   """TSV-M: ``θ0 + scale · TSV(τ1..τT)`` (``scale`` α, 1.0 in FusionBench;
   the authors pick it on validation from {0.1, ..., 3.0}).
 
-  With one task it returns that task's vector unchanged.
+  With one task it returns that task's vector unchanged. On a mesh it
+  gathers each 2-D leaf (see the module docstring).
   """
   return _core.Merger("tsvm", (), {}, _tsvm_leaf, _tsvm_prepare)
 
@@ -140,6 +146,7 @@ def iso_c() -> _core.Merger:
 
   The mean runs over all ``min(m, n)`` singular values; non-matrix leaves
   get the mean task vector. ``scale`` α (the authors tune it on
-  {0.1, ..., 3.0}; FusionBench's default 1.0).
+  {0.1, ..., 3.0}; FusionBench's default 1.0). On a mesh it gathers each
+  2-D leaf (see the module docstring).
   """
   return _core.Merger("iso_c", (), {}, _iso_leaf)
