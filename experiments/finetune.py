@@ -62,9 +62,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  finetune_lib.run(
-      _CONFIG.value, _WORKDIR.value, kill_at_step=_KILL_AT_STEP.value
-  )
+  try:
+    finetune_lib.run(
+        _CONFIG.value, _WORKDIR.value, kill_at_step=_KILL_AT_STEP.value
+    )
+  except ValueError as e:  # bad input: one line, no traceback
+    raise SystemExit(f"finetune: error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -95,15 +95,18 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _NUM_PROCESSES.value > 1 and not _COORDINATOR.value:
     raise app.UsageError("--num_processes > 1 needs --coordinator=host:port")
-  moe_train_lib.init_distributed(
-      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
-  )
-  moe_train_lib.run(
-      _CONFIG.value,
-      _WORKDIR.value,
-      mesh_spec=_MESH.value,
-      kill_at_step=_KILL_AT_STEP.value,
-  )
+  try:
+    moe_train_lib.init_distributed(
+        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+    )
+    moe_train_lib.run(
+        _CONFIG.value,
+        _WORKDIR.value,
+        mesh_spec=_MESH.value,
+        kill_at_step=_KILL_AT_STEP.value,
+    )
+  except ValueError as e:  # bad input: one line, no traceback
+    raise SystemExit(f"moe_train: error: {e}") from None
 
 
 if __name__ == "__main__":

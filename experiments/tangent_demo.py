@@ -142,16 +142,13 @@ def evaluate_mode(clf, lin, tasks, runs, tvs, params0, config) -> dict:
   }
 
 
-def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
+def run(config, work: pathlib.Path) -> None:
+  """The demo: stages cached under ``work``; writes the results there."""
   names = list(config.tasks)
   if len(names) != 2 or len(set(names)) != 2:
-    raise app.UsageError(
-        f"--config.tasks takes exactly two different transforms, got {names}"
+    raise ValueError(
+        f"config.tasks takes exactly two different transforms, got {names}"
     )
-  work = pathlib.Path(_WORKDIR.value)
   tasks = {t: _splits(t) for t in names}
 
   # 1. Pretraining: rotation prediction on both tasks' images.
@@ -222,6 +219,15 @@ def main(argv: Sequence[str]) -> None:
   (work / "results.md").write_text("\n".join(lines) + "\n")
   print("\n".join(lines))
   os.sync()
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    run(_CONFIG.value, pathlib.Path(_WORKDIR.value))
+  except ValueError as e:  # bad input: one line, no traceback
+    raise SystemExit(f"tangent_demo: error: {e}") from None
 
 
 if __name__ == "__main__":

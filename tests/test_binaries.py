@@ -41,3 +41,33 @@ def test_config_and_workdir_are_required(name, tmp_path):
   assert proc.returncode == 1
   assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert "--config must have a value" in proc.stderr, proc.stderr[-2000:]
+
+
+_CONFIGS = binaries.EXPERIMENTS / "configs"
+BAD_INPUT = {
+    "finetune": (
+        f"--config={_CONFIGS / 'finetune.py'}:smoke",
+        "--config.transform=bogus",
+        "unknown transform 'bogus'",
+    ),
+    "moe_train": (
+        f"--config={_CONFIGS / 'moe_train.py'}:smoke",
+        "--mesh=data=3,expert=5",
+        "has 15 devices",
+    ),
+    "tangent_demo": (
+        f"--config={_CONFIGS / 'tangent_demo.py'}:smoke",
+        "--config.tasks=('none',)",
+        "exactly two different transforms",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUT))
+def test_bad_input_is_one_line_and_nonzero_exit(name, tmp_path):
+  config, bad, message = BAD_INPUT[name]
+  proc = binaries.run(name, config, bad, f"--workdir={tmp_path / 'w'}")
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"{name}: error: ") and message in last, last
