@@ -609,3 +609,10 @@ def test_errors_on_selection(pre):
     mtx.merging.merge(pre, [pre], "average", include="nothing_matches")
   with pytest.raises(ValueError, match="invalid path regex"):
     mtx.merging.merge(pre, [pre], "average", include="(")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_merger_name_is_the_registry_name(name, pre):
+  fts = _finetuned(pre, _n(name))
+  hp = {"then": "ties"} if name == "dare" else {}
+  assert mtx.merging.get(name, **hp, **_hparams(name, fts)).name == name

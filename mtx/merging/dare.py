@@ -174,7 +174,7 @@ def dare(
   base = merging.get(then, **then_hparams)
   random = any(r > 0 for r in rates)
   return _core.Merger(
-      f"dare_{then}",
+      "dare",
       (p, rescale if rescale == "l1" else bool(rescale), mode, base),
       dict(base.coeffs),
       _leaf,
