@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtx import tree as mtree
-from mtx.merging import _core
+from mtx.merging import _protocol
+from mtx.merging import _source
 from mtx.merging import compeft as _compeft
 from mtx.merging import consensus as _consensus
 from mtx.merging import ties as _ties
@@ -142,11 +143,11 @@ def sparsify(
   >>> sparsify({"w": jnp.array([0.1, -3.0, 2.0, 0.5])}, 0.5)["w"].tolist()
   [0.0, -3.0, 2.0, 0.0]
   """
-  density = _core.check_fraction("density", density)
-  _core.check_choice("scope", scope, ("per_leaf", "global"))
-  _core.check_choice("topk_rule", topk_rule, _ties.TOPK_RULES)
+  density = _protocol.check_fraction("density", density)
+  _protocol.check_choice("scope", scope, ("per_leaf", "global"))
+  _protocol.check_choice("topk_rule", topk_rule, _ties.TOPK_RULES)
   stacked = jax.tree.map(lambda x: jnp.asarray(x)[None], task_vector)
-  src = _core.source_from_stacked(stacked)
+  src = _source.source_from_stacked(stacked)
   paths, leaves, treedef = mtree.flatten(task_vector)
   if scope == "global":
     k = _ties.num_kept(sum(src.sizes), density, topk_rule)
@@ -289,11 +290,11 @@ def compress(
   >>> [round(v, 3) for v in decompress(c)["w"].tolist()]
   [0.0, -2.099, 2.099, 0.0]
   """
-  density = _core.check_fraction("density", density)
-  _core.check_choice("topk_rule", topk_rule, _ties.TOPK_RULES)
+  density = _protocol.check_fraction("density", density)
+  _protocol.check_choice("topk_rule", topk_rule, _ties.TOPK_RULES)
   _check_float(task_vector, "task_vector")
   stacked = jax.tree.map(lambda x: jnp.asarray(x)[None], task_vector)
-  src = _core.source_from_stacked(stacked)
+  src = _source.source_from_stacked(stacked)
   thr, std = _compeft.compeft_stats(src, density, topk_rule)
   paths, leaves, treedef = mtree.flatten(task_vector)
   masks, signs = [], []

@@ -60,7 +60,7 @@ class CountGathers:
   for every call on sharded arrays."""
 
   def __init__(self):
-    self.module = mtx.merging._core  # pylint: disable=protected-access
+    self.module = mtx.merging._driver  # pylint: disable=protected-access
     self.kernel = self.module._merge_leaf  # pylint: disable=protected-access
     self.count = 0
 

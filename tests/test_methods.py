@@ -1578,7 +1578,7 @@ def test_vmapped_scale_sweep_matches_per_scale_calls():
 def test_tsvm_large_leaves_factorised_task_by_task_in_prepare(monkeypatch):
   # Leaves above _PRECOMPUTE_ENTRIES get their per-task SVDs in prepare (one
   # task per dispatch); the result must equal the in-kernel path.
-  from mtx.merging import svd as svd_mod
+  from mtx.merging import tsvm as tsvm_mod
 
   rng = np.random.default_rng(31)
   pre = {
@@ -1592,7 +1592,7 @@ def test_tsvm_large_leaves_factorised_task_by_task_in_prepare(monkeypatch):
       for _ in range(3)
   ]
   want = mtx.merging.merge(pre, fts, "tsvm")
-  monkeypatch.setattr(svd_mod, "_PRECOMPUTE_ENTRIES", 100)
+  monkeypatch.setattr(tsvm_mod, "_PRECOMPUTE_ENTRIES", 100)
   merger = mtx.merging.get("tsvm")
   stacked = mtx.tree.stack([mtx.task_vectors.task_vector(pre, f) for f in fts])
   stats = merger.prepare(stacked)

@@ -435,9 +435,9 @@ def test_host_several_ranks_per_task_in_one_call():
 def test_merge_global_threshold_on_a_leaf_read_one_task_at_a_time():
   # A leaf above _LAZY_ENTRIES is read task by task during selection; the
   # TIES threshold must still be the exact global k-th largest |τ|.
-  from mtx.merging import _core
+  from mtx.merging import _source
 
-  n = _core._LAZY_ENTRIES + 4096
+  n = _source._LAZY_ENTRIES + 4096
   rng = np.random.default_rng(12)
   pre = {"big": jnp.zeros(n), "small": jnp.zeros(100)}
   taus = [rng.normal(size=n + 100).astype(np.float32) for _ in range(2)]

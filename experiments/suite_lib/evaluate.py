@@ -497,20 +497,15 @@ def _dense_inputs_fn(apply):
 
 def task_limits(name: str, t: int) -> str | None:
   """Why method ``name`` cannot merge ``t`` models (None if it can)."""
-  kw = {}
-  if name == "fisher":
-    kw = {"fishers": [{}] * t}
-  elif name == "regmean":
-    kw = {"grams": [{}] * t}
-  m = mtx.merging.get(name, **kw)
-  if t >= m.min_tasks and (m.max_tasks is None or t <= m.max_tasks):
+  lo, hi = mtx.merging.task_limits(name)
+  if t >= lo and (hi is None or t <= hi):
     return None
-  if m.max_tasks == m.min_tasks:
-    takes = f"exactly {m.min_tasks}"
-  elif m.max_tasks is None:
-    takes = f"at least {m.min_tasks}"
+  if hi == lo:
+    takes = f"exactly {lo}"
+  elif hi is None:
+    takes = f"at least {lo}"
   else:
-    takes = f"{m.min_tasks} to {m.max_tasks}"
+    takes = f"{lo} to {hi}"
   return f"merges {takes} models; the suite has {t}"
 
 

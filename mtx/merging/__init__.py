@@ -12,57 +12,128 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import inspect
 from typing import Any
 
 import jax
 
-from mtx.merging import _core
-from mtx.merging import basic
+from mtx.merging import _driver
+from mtx.merging import _protocol
+from mtx.merging import average as _average
 from mtx.merging import breadcrumbs as _breadcrumbs
 from mtx.merging import compeft as _compeft
 from mtx.merging import consensus as _consensus
 from mtx.merging import dare as _dare
 from mtx.merging import fisher as _fisher
-from mtx.merging import interpolation
+from mtx.merging import iso_c as _iso_c
 from mtx.merging import lines as _lines
+from mtx.merging import model_stock as _model_stock
 from mtx.merging import pcb as _pcb
-from mtx.merging import svd
+from mtx.merging import regmean as _regmean
+from mtx.merging import slerp as _slerp
+from mtx.merging import task_arithmetic as _task_arithmetic
 from mtx.merging import ties as _ties
-from mtx.merging._core import Ctx, Merger, Source, Stats, prepare_leaves
+from mtx.merging import tsvm as _tsvm
+from mtx.merging._driver import prepare_leaves
+from mtx.merging._protocol import Ctx, Merger, Stats
+from mtx.merging._source import Source
 
 # name -> factory(**hparams) -> Merger. Explicit: nothing registers itself.
+# Each factory carries ``min_tasks``/``max_tasks`` (see :func:`task_limits`).
 METHODS: dict[str, Callable[..., Merger]] = {
-    "average": basic.average,
-    "weighted_average": basic.weighted_average,
-    "task_arithmetic": basic.task_arithmetic,
+    "average": _average.average,
+    "weighted_average": _average.weighted_average,
+    "task_arithmetic": _task_arithmetic.task_arithmetic,
     "ties": _ties.ties,
     "dare": _dare.dare,
     "breadcrumbs": _breadcrumbs.breadcrumbs,
     "consensus": _consensus.consensus,
     "pcb": _pcb.pcb,
     "lines": _lines.lines,
-    "model_stock": interpolation.model_stock,
-    "slerp": interpolation.slerp,
+    "model_stock": _model_stock.model_stock,
+    "slerp": _slerp.slerp,
     "fisher": _fisher.fisher,
-    "regmean": _fisher.regmean,
+    "regmean": _regmean.regmean,
     "compeft": _compeft.compeft,
-    "tsvm": svd.tsvm,
-    "iso_c": svd.iso_c,
+    "tsvm": _tsvm.tsvm,
+    "iso_c": _iso_c.iso_c,
 }
+
+
+def _factory(name: Any) -> Callable[..., Merger]:
+  if not isinstance(name, str) or name not in METHODS:
+    raise ValueError(
+        f"unknown merging method {name!r}; known: {sorted(METHODS)}"
+    )
+  return METHODS[name]
+
+
+def _split_base(
+    factory: Callable[..., Merger], hparams: dict[str, Any]
+) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+  """A wrapper's base (name or Merger), its own and its base's hparams."""
+  params = inspect.signature(factory).parameters
+  own = {
+      k
+      for k, p in params.items()
+      if p.kind is not inspect.Parameter.VAR_KEYWORD
+  }
+  base = hparams.get(factory.wraps, params[factory.wraps].default)
+  mine = {k: v for k, v in hparams.items() if k in own and k != factory.wraps}
+  rest = {k: v for k, v in hparams.items() if k not in own}
+  return base, mine, rest
 
 
 def get(name: str, **hparams: Any) -> Merger:
   """Builds the method ``name`` with structural hyperparameters ``hparams``.
 
+  A wrapper method (``dare``'s ``then``, ``lines``' and ``consensus``'
+  ``base``) given its base as a registry name gets it built here, with the
+  hyperparameters the wrapper does not take itself:
+  ``get("dare", then="ties", density=0.2)``.
+
   Raises:
     ValueError: unknown method name or hyperparameter, or an out-of-range
       value (named in the message).
   """
-  if not isinstance(name, str) or name not in METHODS:
-    raise ValueError(
-        f"unknown merging method {name!r}; known: {sorted(METHODS)}"
-    )
-  return _core.call_factory(name, METHODS[name], hparams)
+  factory = _factory(name)
+  if getattr(factory, "wraps", None) is not None:
+    base, mine, rest = _split_base(factory, hparams)
+    if not isinstance(base, Merger):
+      _factory(base)
+      if base == name:
+        # The wrapper checks its base's name; build the default base here so
+        # that the check, not a recursion, answers.
+        built = get(base)
+      else:
+        defaults = factory.base_defaults.get(base, {})
+        built = get(base, **{**defaults, **rest})
+      hparams = {**mine, factory.wraps: built}
+  return _protocol.call_factory(name, factory, hparams)
+
+
+def task_limits(name: str, **hparams: Any) -> tuple[int, int | None]:
+  """``(min, max)`` task counts method ``name`` merges (max None: no limit).
+
+  Read from the registry without building the method (no data needed). A
+  wrapper's limits are those of its base: the default one, or the one named
+  in ``hparams`` (``task_limits("dare", then="slerp")``).
+
+  >>> import mtx
+  >>> mtx.merging.task_limits("slerp"), mtx.merging.task_limits("ties")
+  ((2, 2), (1, None))
+
+  Raises:
+    ValueError: unknown method name.
+  """
+  factory = _factory(name)
+  if getattr(factory, "wraps", None) is not None:
+    base, _, rest = _split_base(factory, hparams)
+    if isinstance(base, Merger):
+      return base.min_tasks, base.max_tasks
+    if base != name:
+      return task_limits(base, **rest)
+  return factory.min_tasks, factory.max_tasks
 
 
 def merge(
@@ -116,7 +187,7 @@ def merge(
     coeffs = {}
     structural = dict(hparams)
     merger = get(method, **structural)
-  return _core.merge_models(
+  return _driver.merge_models(
       merger,
       pretrained,
       finetuned,
@@ -138,4 +209,5 @@ __all__ = [
     "get",
     "merge",
     "prepare_leaves",
+    "task_limits",
 ]

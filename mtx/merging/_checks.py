@@ -8,6 +8,7 @@ and passed through untouched when they are tracers (``jax.jit``, ``jax.vmap``,
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -205,3 +206,16 @@ def finite_host_or_device(x: Any) -> bool:
 @jax.jit
 def _all_finite(x):
   return jnp.all(jnp.isfinite(x))
+
+
+def by_path(name: str, trees: Sequence[Any]) -> list[dict[str, Any]]:
+  """One ``{path: array}`` dict per model from per-model trees (or dicts)."""
+  if isinstance(trees, Mapping) or not isinstance(trees, Sequence):
+    raise ValueError(f"{name} must be a list with one entry per model")
+  out = []
+  for t in trees:  # a params-shaped tree, or a flat {path: array} dict
+    paths, leaves, _ = mtree.flatten(t)
+    out.append(dict(zip(paths, leaves)))
+  if len({frozenset(d) for d in out}) > 1:
+    raise ValueError(f"the {name} of different models cover different leaves")
+  return out

@@ -7,11 +7,14 @@ Reference:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax.numpy as jnp
 import numpy as np
 
 from mtx import _select
-from mtx.merging import _core
+from mtx.merging import _protocol
+from mtx.merging import _source
 
 
 def row_counts(n: int, density: float, top_remove: float) -> tuple[int, int]:
@@ -39,7 +42,7 @@ def _row_thresholds(x, n: int, removed: int, kept: int):
   return jnp.stack([hi, lo], axis=-1)
 
 
-def _tensor_thresholds(src: _core.Source, i: int, removed: int, kept: int):
+def _tensor_thresholds(src: _source.Source, i: int, removed: int, kept: int):
   """Per task ``[2]``: the bounds of leaf ``i`` as a whole (``axis=None``)."""
   t = src.num_tasks
   ks = np.tile([max(removed, 1), max(removed + kept, 1)], (t, 1))
@@ -52,9 +55,17 @@ def _tensor_thresholds(src: _core.Source, i: int, removed: int, kept: int):
   return tuple(out)
 
 
-def _prepare(static, src: _core.Source, key=None):
+class BreadcrumbsHParams(NamedTuple):
+  """Structural hyperparameters of :func:`breadcrumbs`."""
+
+  density: float
+  top_remove: float
+  axis: int | None
+
+
+def _prepare(hp: BreadcrumbsHParams, src: _source.Source, key=None):
   del key
-  density, top_remove, axis = static
+  density, top_remove, axis = hp.density, hp.top_remove, hp.axis
   per_leaf = []
   for i, shape in enumerate(src.shapes):
     if len(shape) == 0 or src.sizes[i] == 0:  # nothing to mask
@@ -73,19 +84,20 @@ def _prepare(static, src: _core.Source, key=None):
             for x in src.task_values(i)  # one task at a time if large
         )
     )
-  return _core.Stats(None, tuple(per_leaf))
+  return _protocol.Stats(None, tuple(per_leaf))
 
 
 def _leaf(static, tv, ctx):
   del static
   if ctx.stats is not None:
     tv = tuple(jnp.where(mask(x, m), x, 0) for x, m in zip(tv, ctx.stats))
-  return _core.tsum(_core.scale_tasks(ctx.scale, tv))
+  return _protocol.tsum(_protocol.scale_tasks(ctx.scale, tv))
 
 
+@_protocol.method()
 def breadcrumbs(
     density: float = 0.1, top_remove: float = 0.01, *, axis: int | None = -1
-) -> _core.Merger:
+) -> _protocol.Merger:
   """Breadcrumbs: ``θ0 + scale · Σt mask_t ⊙ τt``.
 
   Per task, per row along the last axis (a 1-D tensor is one row; scalars are
@@ -109,15 +121,17 @@ def breadcrumbs(
   ...                   top_remove=0.1)["w"].tolist()
   [[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 7.0, 8.0, 9.0, 0.0]]
   """
-  density = _core.check_fraction("density", density)
-  top_remove = _core.check_fraction("top_remove", top_remove, allow_zero=True)
+  density = _protocol.check_fraction("density", density)
+  top_remove = _protocol.check_fraction(
+      "top_remove", top_remove, allow_zero=True
+  )
   if top_remove >= 1.0:
     raise ValueError(f"top_remove must be < 1, got {top_remove}")
   if axis not in (-1, None):
     raise ValueError(f"axis must be -1 or None, got {axis!r}")
-  return _core.Merger(
+  return _protocol.Merger(
       "breadcrumbs",
-      (density, top_remove, axis),
+      BreadcrumbsHParams(density, top_remove, axis),
       {},
       _leaf,
       _prepare,

@@ -8,15 +8,18 @@ Reference:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax.numpy as jnp
 import numpy as np
 
 from mtx.merging import _checks
-from mtx.merging import _core
+from mtx.merging import _protocol
+from mtx.merging import _source
 from mtx.merging import ties as _ties
 
 
-def ternarize(tv: _core.Tasks, thresholds, magnitudes) -> _core.Tasks:
+def ternarize(tv: _protocol.Tasks, thresholds, magnitudes) -> _protocol.Tasks:
   """``magnitudes[t] · sign(τt)`` where ``|τt| >= thresholds[t]``, else 0."""
   t = len(tv)
   return tuple(
@@ -26,7 +29,9 @@ def ternarize(tv: _core.Tasks, thresholds, magnitudes) -> _core.Tasks:
           0,
       )
       for x, h, m in zip(
-          tv, _core.per_task(thresholds, t), _core.per_task(magnitudes, t)
+          tv,
+          _protocol.per_task(thresholds, t),
+          _protocol.per_task(magnitudes, t),
       )
   )
 
@@ -36,7 +41,7 @@ def _squares(static, tv, c):
   return tv, tuple(jnp.square(x * c.astype(x.dtype)) for x in tv)
 
 
-def _moments(src: _core.Source, c: float) -> tuple[np.ndarray, np.ndarray]:
+def _moments(src: _source.Source, c: float) -> tuple[np.ndarray, np.ndarray]:
   """Per task ``Σ τ`` and ``Σ (c·τ)²`` over all leaves (float64 sums)."""
   t = src.num_tasks
   s1 = np.zeros(t)
@@ -48,7 +53,7 @@ def _moments(src: _core.Source, c: float) -> tuple[np.ndarray, np.ndarray]:
   return s1, s2
 
 
-def compeft_stats(src: _core.Source, density: float, topk_rule: str):
+def compeft_stats(src: _source.Source, density: float, topk_rule: str):
   """Global per-task thresholds and unbiased std of the dense task vectors."""
   t = src.num_tasks
   d = sum(src.sizes)
@@ -67,23 +72,32 @@ def compeft_stats(src: _core.Source, density: float, topk_rule: str):
   return np.asarray(thr), np.sqrt(np.maximum(var, 0.0)) / c
 
 
+class CompeftHParams(NamedTuple):
+  """Structural hyperparameters of :func:`compeft`."""
+
+  density: float
+  topk_rule: str
+
+
 def _leaf(static, tv, ctx):
   del static
   g = ctx.glob
   mag = ctx.coeffs["alpha"] * g["std"]
-  return _core.tsum(_core.scale_tasks(ctx.scale, ternarize(tv, g["thr"], mag)))
+  return _protocol.tsum(
+      _protocol.scale_tasks(ctx.scale, ternarize(tv, g["thr"], mag))
+  )
 
 
-def _prepare(static, src, key=None):
+def _prepare(hp: CompeftHParams, src, key=None):
   del key
-  density, topk_rule = static
-  thr, std = compeft_stats(src, density, topk_rule)
-  return _core.Stats({"thr": thr, "std": std.astype(np.float32)}, None)
+  thr, std = compeft_stats(src, hp.density, hp.topk_rule)
+  return _protocol.Stats({"thr": thr, "std": std.astype(np.float32)}, None)
 
 
+@_protocol.method()
 def compeft(
     density: float = 0.2, *, alpha: float = 1.0, topk_rule: str = "paper"
-) -> _core.Merger:
+) -> _protocol.Merger:
   """ComPEFT-compressed task arithmetic: ``θ0 + scale · Σt α σt sign(τt) mt``.
 
   ``mt`` keeps the ``density`` fraction of largest ``|τt|`` over all included
@@ -92,11 +106,11 @@ def compeft(
   ``τt``. ``alpha`` is a traced coefficient. See
   :func:`mtx.task_vectors.compress` for the packed storage format.
   """
-  density = _core.check_fraction("density", density)
-  _core.check_choice("topk_rule", topk_rule, _ties.TOPK_RULES)
-  return _core.Merger(
+  density = _protocol.check_fraction("density", density)
+  _protocol.check_choice("topk_rule", topk_rule, _ties.TOPK_RULES)
+  return _protocol.Merger(
       "compeft",
-      (density, topk_rule),
+      CompeftHParams(density, topk_rule),
       {"alpha": alpha},
       _leaf,
       _prepare,

@@ -7,17 +7,17 @@ Reference:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from mtx.merging import _checks
-from mtx.merging import _core
+from mtx.merging import _protocol
 
 
 def tall_masks(
-    tv: _core.Tasks, mtl: jax.Array, tall_lambda: jax.Array | float
+    tv: _protocol.Tasks, mtl: jax.Array, tall_lambda: jax.Array | float
 ) -> tuple[jax.Array, ...]:
   """Per-task masks ``m_t = |τt| > λt·|τMTL − τt|`` (strict, as the code).
 
@@ -29,7 +29,7 @@ def tall_masks(
   Returns:
     One boolean mask per task.
   """
-  lams = _core.per_task(tall_lambda, len(tv))
+  lams = _protocol.per_task(tall_lambda, len(tv))
   return tuple(
       jnp.abs(x) > jnp.asarray(lam, x.dtype) * jnp.abs(mtl - x)
       for x, lam in zip(tv, lams)
@@ -38,37 +38,45 @@ def tall_masks(
 
 def consensus_mask(masks, k: int = 2) -> jax.Array:
   """Entries active in at least ``k`` tasks: ``Σt m_t >= k``."""
-  return _core.tsum([m.astype(jnp.int32) for m in masks]) >= k
+  return _protocol.tsum([m.astype(jnp.int32) for m in masks]) >= k
 
 
-def _mtl(static, tv, ctx):
-  base = static[1]
+class ConsensusHParams(NamedTuple):
+  """Structural hyperparameters of :func:`consensus`: ``k`` and the TIES
+  base (None: task arithmetic, the plain sum)."""
+
+  k: int
+  base: _protocol.Merger | None
+
+
+def _mtl(hp: ConsensusHParams, tv, ctx):
+  base = hp.base
   if base is None:
-    return _core.tsum(tv)
+    return _protocol.tsum(tv)
   inner = ctx._replace(scale=jnp.ones((), tv[0].dtype))
   return base.leaf_fn(base.static, tv, inner)
 
 
-def _leaf(static, tv, ctx):
-  k = static[0]
-  mtl = _mtl(static, tv, ctx)
+def _leaf(hp: ConsensusHParams, tv, ctx):
+  mtl = _mtl(hp, tv, ctx)
   masks = tall_masks(tv, mtl, ctx.coeffs["tall_lambda"])
-  keep = consensus_mask(masks, k)
-  return _core.scalar_scale(ctx, "consensus") * jnp.where(keep, mtl, 0)
+  keep = consensus_mask(masks, hp.k)
+  return _protocol.scalar_scale(ctx, "consensus") * jnp.where(keep, mtl, 0)
 
 
-def _prepare(static, src, key):
-  base = static[1]
+def _prepare(hp: ConsensusHParams, src, key):
+  base = hp.base
   return base.prepare_fn(base.static, src, key)
 
 
+@_protocol.method(wraps="base", base_defaults={"ties": {"reduce": "sum"}})
 def consensus(
     k: int = 2,
     *,
     tall_lambda: Any = 0.4,
-    base: str = "task_arithmetic",
+    base: str | _protocol.Merger = "task_arithmetic",
     **base_hparams: Any,
-) -> _core.Merger:
+) -> _protocol.Merger:
   """Consensus merging: ``θ0 + scale · τMTL ⊙ [Σt m_t >= k]``.
 
   ``τMTL`` is the unscaled task-arithmetic sum ``Σt τt`` (``base=
@@ -83,7 +91,9 @@ def consensus(
   Args:
     k: minimum number of tasks whose TALL mask contains an entry.
     tall_lambda: λ of the TALL masks: a finite ``λ >= 0``, or one per model.
-    base: ``"task_arithmetic"`` or ``"ties"``.
+    base: ``"task_arithmetic"`` or ``"ties"`` (:func:`mtx.merging.get`
+      builds it with ``base_hparams``), or such a built
+      :class:`~mtx.merging.Merger`.
     **base_hparams: TIES hyperparameters when ``base="ties"``.
 
   >>> import jax.numpy as jnp, mtx
@@ -93,24 +103,15 @@ def consensus(
   >>> mtx.merging.merge(pre, fts, "consensus", k=2)["w"].tolist()
   [3.0, 0.0, 0.0]
   """
-  from mtx.merging import ties as _ties  # pylint: disable=g-import-not-at-top
-
   if int(k) != k or k < 0:
     raise ValueError(f"k must be a non-negative integer, got {k!r}")
-  _core.check_choice("base", base, ("task_arithmetic", "ties"))
-  if base == "ties":
-    base_hparams = {"reduce": "sum", **base_hparams}
-    b = _ties.ties(**base_hparams)
-  else:
-    if base_hparams:
-      raise ValueError(
-          f"unknown hyperparameter(s) {sorted(base_hparams)} for consensus "
-          "with base='task_arithmetic'"
-      )
-    b = None
-  return _core.Merger(
+  b = _protocol.built_base("consensus", "base", base, base_hparams)
+  _protocol.check_choice("base", b.name, ("task_arithmetic", "ties"))
+  if b.name == "task_arithmetic":
+    b = None  # the plain sum Σt τt
+  return _protocol.Merger(
       "consensus",
-      (int(k), b),
+      ConsensusHParams(int(k), b),
       {"tall_lambda": tall_lambda},
       _leaf,
       _prepare if b is not None and b.prepare_fn is not None else None,

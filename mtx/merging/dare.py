@@ -8,13 +8,14 @@ Reference:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtx.merging import _core
+from mtx.merging import _protocol
+from mtx.merging import _source
 from mtx.merging import ties as _ties
 
 
@@ -36,11 +37,11 @@ def _rescaled(x, y, p: float, rescale):
 
 
 def drop(
-    tv: _core.Tasks,
+    tv: _protocol.Tasks,
     key: jax.Array,
     drop_rate: float | tuple[float, ...],
     rescale: bool | str = True,
-) -> _core.Tasks:
+) -> _protocol.Tasks:
   """Zeroes each entry with probability ``drop_rate`` (an independent mask
   per task, from ``fold_in(key, t)``; a tuple gives each task its rate),
   dividing survivors by ``1 − drop_rate`` when ``rescale`` (``"l1"``:
@@ -55,25 +56,44 @@ def drop(
   return tuple(out)
 
 
-def _drop_leaf(static, tv, key, thr):
-  drop_rate, rescale, mode = static[:3]
-  rates = _rates(drop_rate, len(tv))
+class DropHParams(NamedTuple):
+  """How DARE drops entries (the static part of its :class:`Transform`)."""
+
+  drop_rate: float | tuple[float, ...]
+  rescale: bool | str
+  mode: str
+
+
+class DareHParams(NamedTuple):
+  """Structural hyperparameters of :func:`dare`: the drop and the base."""
+
+  drop_rate: float | tuple[float, ...]
+  rescale: bool | str
+  mode: str
+  base: _protocol.Merger
+
+  def drop(self) -> DropHParams:
+    return DropHParams(self.drop_rate, self.rescale, self.mode)
+
+
+def _drop_leaf(hp: DropHParams | DareHParams, tv, key, thr):
+  rates = _rates(hp.drop_rate, len(tv))
   if all(p == 0.0 for p in rates):
     return tv
-  if mode == "random":
-    return drop(tv, key, drop_rate, rescale)
+  if hp.mode == "random":
+    return drop(tv, key, hp.drop_rate, hp.rescale)
   out = _ties.trim(tv, thr)
   return tuple(
-      _rescaled(x, y, p, rescale) if p > 0 else x
+      _rescaled(x, y, p, hp.rescale) if p > 0 else x
       for x, y, p in zip(tv, out, rates)
   )
 
 
-def _leaf(static, tv, ctx):
-  base = static[3]
+def _leaf(hp: DareHParams, tv, ctx):
+  base = hp.base
   g = ctx.glob
   thr = None if ctx.stats is None else ctx.stats.get("drop_thr")
-  tv = _drop_leaf(static, tv, ctx.key, thr)
+  tv = _drop_leaf(hp, tv, ctx.key, thr)
   inner = ctx._replace(
       glob=None if g is None else g.get("base"),
       stats=None if ctx.stats is None else ctx.stats.get("base"),
@@ -81,25 +101,25 @@ def _leaf(static, tv, ctx):
   return base.leaf_fn(base.static, tv, inner)
 
 
-def _transform(static, tv, key, thr):
-  return _drop_leaf(static, tv, key, thr)
+def _transform(hp: DropHParams, tv, key, thr):
+  return _drop_leaf(hp, tv, key, thr)
 
 
-def _prepare(static, src: _core.Source, key):
-  drop_rate, _, mode, base = static
+def _prepare(hp: DareHParams, src: _source.Source, key):
+  base = hp.base
   t = src.num_tasks
   per_leaf = [dict() for _ in range(len(src))]
-  rates = _rates(drop_rate, t)
-  if mode == "magnitude" and any(p > 0 for p in rates):
+  rates = _rates(hp.drop_rate, t)
+  if hp.mode == "magnitude" and any(p > 0 for p in rates):
     for i, n in enumerate(src.sizes):
       k = np.array([max(1, int(n * (1.0 - p))) for p in rates])
       per_leaf[i]["drop_thr"] = np.asarray(src.leaf_kth_largest(i, k))
   glob = {}
   if base.prepare_fn is not None:
     dropped = src.with_transform(
-        _core.Transform(
+        _source.Transform(
             _transform,
-            static[:3],
+            hp.drop(),
             key,
             tuple(d.get("drop_thr") for d in per_leaf),
         )
@@ -109,17 +129,18 @@ def _prepare(static, src: _core.Source, key):
     if bstats.leaf is not None:
       for d, b in zip(per_leaf, bstats.leaf):
         d["base"] = b
-  return _core.Stats(glob, tuple(per_leaf))
+  return _protocol.Stats(glob, tuple(per_leaf))
 
 
+@_protocol.method(wraps="then")
 def dare(
     drop_rate: float | Sequence[float] = 0.5,
     *,
     rescale: bool | str = True,
-    then: str = "task_arithmetic",
+    then: str | _protocol.Merger = "task_arithmetic",
     mode: str = "random",
     **then_hparams: Any,
-) -> _core.Merger:
+) -> _protocol.Merger:
   """DARE followed by a base merge (``then``), e.g. DARE-TIES.
 
   Each task vector entry is dropped with probability ``drop_rate`` (mask drawn
@@ -135,7 +156,9 @@ def dare(
     rescale: divide survivors by ``1 − p``; ``"l1"`` instead scales each
       task's surviving entries of a tensor so that its L1 norm is unchanged
       (MergeKit's ``rescale``); False keeps them as they are.
-    then: the base method (``"task_arithmetic"``, ``"ties"``, ...).
+    then: the base method: a registry name (``"task_arithmetic"``,
+      ``"ties"``, ...; :func:`mtx.merging.get` builds it with
+      ``then_hparams``) or a built :class:`~mtx.merging.Merger`.
     mode: ``"random"`` (the paper) or ``"magnitude"``.
     **then_hparams: hyperparameters of the base method.
 
@@ -149,8 +172,6 @@ def dare(
   >>> sorted(set(out.tolist()))   # dropped entries are 0, survivors 1/(1-p)
   [0.0, 10.0]
   """
-  from mtx import merging  # pylint: disable=g-import-not-at-top
-
   many = isinstance(drop_rate, Sequence | np.ndarray) and not isinstance(
       drop_rate, str
   )
@@ -168,14 +189,14 @@ def dare(
   p = tuple(rates) if many else rates[0]
   if rescale not in (True, False, "l1"):
     raise ValueError(f"rescale must be True, False or 'l1', got {rescale!r}")
-  _core.check_choice("mode", mode, ("random", "magnitude"))
-  if then == "dare":
+  _protocol.check_choice("mode", mode, ("random", "magnitude"))
+  base = _protocol.built_base("dare", "then", then, then_hparams)
+  if base.name == "dare":
     raise ValueError("then='dare' would drop twice")
-  base = merging.get(then, **then_hparams)
   random = any(r > 0 for r in rates)
-  return _core.Merger(
+  return _protocol.Merger(
       "dare",
-      (p, rescale if rescale == "l1" else bool(rescale), mode, base),
+      DareHParams(p, rescale if rescale == "l1" else bool(rescale), mode, base),
       dict(base.coeffs),
       _leaf,
       _prepare,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,8 @@ import numpy as np
 
 from mtx import tree as mtree
 from mtx.merging import _checks
-from mtx.merging import _core
+from mtx.merging import _protocol
+from mtx.merging import _source
 
 _DEPTH_RE = re.compile(
     r"(?:^|[/._])(?:layers?|blocks?|resblocks|h|encoderblock|encoder_layer)"
@@ -98,8 +99,17 @@ def scale_by_depth(
   )
 
 
-def _leaf(static, tv, ctx):
-  base = static[0]
+class LinesHParams(NamedTuple):
+  """Structural hyperparameters of :func:`lines`."""
+
+  base: _protocol.Merger
+  depth_fn: Callable[[str], int | None]
+  num_blocks: int | None
+  auto_alpha: bool
+
+
+def _leaf(hp: LinesHParams, tv, ctx):
+  base = hp.base
   g = ctx.glob
   inner = ctx._replace(
       glob=g["base"], stats=ctx.stats["base"], scale=jnp.ones((), tv[0].dtype)
@@ -109,25 +119,27 @@ def _leaf(static, tv, ctx):
   if alpha is None:
     alpha = g["alpha"]
   s = alpha + ctx.coeffs["beta"] * ctx.stats["depth"]
-  return _core.scalar_scale(ctx, "lines") * s * merged
+  return _protocol.scalar_scale(ctx, "lines") * s * merged
 
 
 def _l1_terms(base, tv, coeffs, glob, stats):
   """Elementwise ``|Σt τt|`` and ``|τ_merged|`` of one leaf."""
-  ctx = _core.Ctx(
+  ctx = _protocol.Ctx(
       glob, stats, jnp.ones((), tv[0].dtype), coeffs, None, None, None, None
   )
-  return jnp.abs(_core.tsum(tv)), jnp.abs(base.leaf_fn(base.static, tv, ctx))
+  return jnp.abs(_protocol.tsum(tv)), jnp.abs(
+      base.leaf_fn(base.static, tv, ctx)
+  )
 
 
-def _prepare(static, src: _core.Source, key):
-  base, depth_fn, num_blocks, auto_alpha = static
+def _prepare(hp: LinesHParams, src: _source.Source, key):
+  base = hp.base
   bstats = (
       base.prepare_fn(base.static, src, key)
       if base.prepare_fn is not None
-      else _core.Stats()
+      else _protocol.Stats()
   )
-  fr = depth_fractions(src.paths, depth_fn, num_blocks)
+  fr = depth_fractions(src.paths, hp.depth_fn, hp.num_blocks)
   per_leaf = tuple(
       {
           "depth": np.float32(f),
@@ -136,7 +148,7 @@ def _prepare(static, src: _core.Source, key):
       for i, f in enumerate(fr)
   )
   g = {"base": bstats.glob}
-  if auto_alpha:
+  if hp.auto_alpha:
     num = den = 0.0
     for i in range(len(src)):
       a, b = src.run(
@@ -150,18 +162,19 @@ def _prepare(static, src: _core.Source, key):
       num += src.total(a)
       den += src.total(b)
     g["alpha"] = np.float32(num / max(den, 1e-30) / src.num_tasks)
-  return _core.Stats(g, per_leaf)
+  return _protocol.Stats(g, per_leaf)
 
 
+@_protocol.method(wraps="base")
 def lines(
     beta: float = 0.5,
     *,
     alpha: float | None = None,
-    base: str = "task_arithmetic",
+    base: str | _protocol.Merger = "task_arithmetic",
     depth_fn: Callable[[str], int | None] = default_depth_fn,
     num_blocks: int | None = None,
     **base_hparams: Any,
-) -> _core.Merger:
+) -> _protocol.Merger:
   """LiNeS on top of a merging method: ``θ0 + scale · (α + β ℓ/(L−1)) τ_merged``.
 
   ``τ_merged`` is the ``base`` method's merged vector at scale 1. Leaves
@@ -173,24 +186,24 @@ def lines(
   Args:
     beta: depth slope β.
     alpha: α, or None for the paper's norm-matching value.
-    base: the merging method whose output is scaled.
+    base: the merging method whose output is scaled: a registry name
+      (:func:`mtx.merging.get` builds it with ``base_hparams``) or a built
+      :class:`~mtx.merging.Merger`.
     depth_fn: ``path -> block index | None``.
     num_blocks: L; by default one more than the largest block index found.
     **base_hparams: the base method's hyperparameters.
   """
-  from mtx import merging  # pylint: disable=g-import-not-at-top
-
-  if base == "lines":
+  b = _protocol.built_base("lines", "base", base, base_hparams)
+  if b.name == "lines":
     raise ValueError("lines cannot wrap itself")
-  b = merging.get(base, **base_hparams)
   if alpha is None and (b.needs_key or b.needs_pretrained or b.data):
     raise ValueError(
         f"lines(alpha=None) cannot compute the norm-matching alpha for "
-        f"{base!r}; pass alpha explicitly"
+        f"{b.name!r}; pass alpha explicitly"
     )
-  return _core.Merger(
+  return _protocol.Merger(
       "lines",
-      (b, depth_fn, num_blocks, alpha is None),
+      LinesHParams(b, depth_fn, num_blocks, alpha is None),
       {"alpha": alpha, "beta": beta, **b.coeffs},
       _leaf,
       _prepare,

@@ -22,10 +22,13 @@ instead of the reference's NaN.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax.numpy as jnp
 import numpy as np
 
-from mtx.merging import _core
+from mtx.merging import _protocol
+from mtx.merging import _source
 
 
 def _minmax(x, lo, hi):
@@ -36,7 +39,7 @@ def _minmax(x, lo, hi):
 def _clamped(tv, g):
   """``A_t = clip(|τt|, lo_t, hi_t)`` with the bounds, per task."""
   t = len(tv)
-  lo, hi = _core.per_task(g["lo"], t), _core.per_task(g["hi"], t)
+  lo, hi = _protocol.per_task(g["lo"], t), _protocol.per_task(g["hi"], t)
   return [
       (
           jnp.clip(jnp.abs(x), a.astype(x.dtype), b.astype(x.dtype)),
@@ -47,10 +50,10 @@ def _clamped(tv, g):
   ]
 
 
-def scores(g, tv: _core.Tasks) -> _core.Tasks:
+def scores(g, tv: _protocol.Tasks) -> _protocol.Tasks:
   """The balanced scores ``intra ⊙ inter`` of one leaf, per task."""
   t = len(tv)
-  total = _core.tsum(tv)
+  total = _protocol.tsum(tv)
   return tuple(
       jnp.exp(t * _minmax(a, lo, hi) ** 2) * jnp.tanh(x * total)
       for x, (a, lo, hi) in zip(tv, _clamped(tv, g))
@@ -61,7 +64,9 @@ def _leaf(static, tv, ctx):
   del static
   g = ctx.glob
   t = len(tv)
-  s_lo, s_hi = _core.per_task(g["s_lo"], t), _core.per_task(g["s_hi"], t)
+  s_lo, s_hi = _protocol.per_task(g["s_lo"], t), _protocol.per_task(
+      g["s_hi"], t
+  )
   ws = [
       _minmax(
           jnp.clip(s, a.astype(s.dtype), b.astype(s.dtype)),
@@ -71,10 +76,10 @@ def _leaf(static, tv, ctx):
       for s, a, b in zip(scores(g, tv), s_lo, s_hi)
   ]
   clamped = [jnp.sign(x) * a for x, (a, _, _) in zip(tv, _clamped(tv, g))]
-  num = _core.tsum(
-      [c * w for c, w in zip(_core.scale_tasks(ctx.scale, clamped), ws)]
+  num = _protocol.tsum(
+      [c * w for c, w in zip(_protocol.scale_tasks(ctx.scale, clamped), ws)]
   )
-  return num / jnp.maximum(_core.tsum(ws), 1e-12)
+  return num / jnp.maximum(_protocol.tsum(ws), 1e-12)
 
 
 def _rank_of_ascending(d: int, pos: int) -> int:
@@ -83,9 +88,16 @@ def _rank_of_ascending(d: int, pos: int) -> int:
   return d - pos
 
 
-def _prepare(static, src: _core.Source, key=None):
+class PcbHParams(NamedTuple):
+  """Structural hyperparameters of :func:`pcb`."""
+
+  ratio: float
+  clamp: float
+
+
+def _prepare(hp: PcbHParams, src: _source.Source, key=None):
   del key
-  ratio, clamp = static
+  ratio, clamp = hp.ratio, hp.clamp
   d = sum(src.sizes)
   t = src.num_tasks
   k_lo = _rank_of_ascending(d, int(d * clamp))
@@ -103,7 +115,7 @@ def _prepare(static, src: _core.Source, key=None):
       )
   )
   g["s_lo"], g["s_hi"] = s[:, 0], s[:, 1]
-  return _core.Stats(g, None)
+  return _protocol.Stats(g, None)
 
 
 def _scores(static, tv, g):
@@ -111,7 +123,8 @@ def _scores(static, tv, g):
   return scores(g, tv)
 
 
-def pcb(ratio: float = 0.1, clamp: float = 1e-4) -> _core.Merger:
+@_protocol.method()
+def pcb(ratio: float = 0.1, clamp: float = 1e-4) -> _protocol.Merger:
   """PCB-Merging (see the module docstring for the exact steps).
 
   Args:
@@ -122,10 +135,10 @@ def pcb(ratio: float = 0.1, clamp: float = 1e-4) -> _core.Merger:
 
   ``scale`` (λ) may be a scalar or a ``[T]`` vector of per-task λt.
   """
-  ratio = _core.check_fraction("ratio", ratio)
-  clamp = _core.check_fraction("clamp", clamp, allow_zero=True)
+  ratio = _protocol.check_fraction("ratio", ratio)
+  clamp = _protocol.check_fraction("clamp", clamp, allow_zero=True)
   if clamp >= 0.5:
     raise ValueError(f"clamp must be < 0.5, got {clamp}")
-  return _core.Merger(
-      "pcb", (ratio, clamp), {}, _leaf, _prepare, per_task_scale=True
+  return _protocol.Merger(
+      "pcb", PcbHParams(ratio, clamp), {}, _leaf, _prepare, per_task_scale=True
   )

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mtx.merging import _checks
-from mtx.merging import _core
+from mtx.merging import _protocol
+from mtx.merging import _source
 
 TOPK_RULES = ("paper", "reference")
 
@@ -40,24 +42,24 @@ def num_kept(d: int, density: float, rule: str = "paper") -> int:
   return min(d, max(1, m))
 
 
-def trim(tv: _core.Tasks, thresholds) -> _core.Tasks:
+def trim(tv: _protocol.Tasks, thresholds) -> _protocol.Tasks:
   """Zeroes entries with ``|τt| < thresholds[t]`` (one array per task)."""
-  thr = _core.per_task(thresholds, len(tv))
+  thr = _protocol.per_task(thresholds, len(tv))
   return tuple(
       jnp.where(jnp.abs(x) >= jnp.asarray(h, x.dtype), x, 0)
       for x, h in zip(tv, thr)
   )
 
 
-def raw_sign(trimmed: _core.Tasks, method: str = "mass") -> jax.Array:
+def raw_sign(trimmed: _protocol.Tasks, method: str = "mass") -> jax.Array:
   """``sign(Σt τt)`` ("mass", the paper) or ``sign(Σt sign τt)`` ("count")."""
   if method == "mass":
-    return jnp.sign(_core.tsum(trimmed))
-  return jnp.sign(_core.tsum([jnp.sign(x) for x in trimmed]))
+    return jnp.sign(_protocol.tsum(trimmed))
+  return jnp.sign(_protocol.tsum([jnp.sign(x) for x in trimmed]))
 
 
 def elect_sign(
-    trimmed: _core.Tasks, method: str = "mass", zero_sign=1.0
+    trimmed: _protocol.Tasks, method: str = "mass", zero_sign=1.0
 ) -> jax.Array:
   """The elected sign γ; entries whose sum is 0 take ``zero_sign``.
 
@@ -69,7 +71,7 @@ def elect_sign(
 
 
 def disjoint_merge(
-    trimmed: _core.Tasks,
+    trimmed: _protocol.Tasks,
     sign: jax.Array,
     reduce: str = "mean",
     weights: jax.Array | None = None,
@@ -87,18 +89,29 @@ def disjoint_merge(
   keep = [jnp.where(pos, x > 0, x < 0) for x in trimmed]
   sel = [jnp.where(k, x, 0) for k, x in zip(keep, trimmed)]
   if reduce == "sum":
-    return _core.tsum(sel)
+    return _protocol.tsum(sel)
   if reduce == "max":
     return functools.reduce(jnp.maximum, [jnp.abs(x) for x in sel]) * sign
   dt = trimmed[0].dtype
   if weights is not None:
-    w = _core.per_task(weights, len(trimmed))
-    den = _core.tsum(
+    w = _protocol.per_task(weights, len(trimmed))
+    den = _protocol.tsum(
         [k.astype(dt) * jnp.asarray(wt, dt) for k, wt in zip(keep, w)]
     )
-    return _core.tsum(sel) / jnp.where(den == 0, 1, den)
-  count = _core.tsum([k.astype(dt) for k in keep])
-  return _core.tsum(sel) / jnp.maximum(count, 1)
+    return _protocol.tsum(sel) / jnp.where(den == 0, 1, den)
+  count = _protocol.tsum([k.astype(dt) for k in keep])
+  return _protocol.tsum(sel) / jnp.maximum(count, 1)
+
+
+class TiesHParams(NamedTuple):
+  """Structural hyperparameters of :func:`ties` (see its Args)."""
+
+  density: float | tuple[float, ...]
+  sign: str
+  reduce: str
+  scope: str
+  topk_rule: str
+  zero_sign: str
 
 
 def _densities(density, t: int) -> list[float]:
@@ -116,43 +129,43 @@ def _trims(density) -> bool:
   )
 
 
-def _thresholds(static, ctx):
-  density, _, _, scope, _, _ = static
-  if not _trims(density):
+def _thresholds(hp: TiesHParams, ctx):
+  if not _trims(hp.density):
     return None
-  return ctx.glob["thr"] if scope == "global" else ctx.stats["thr"]
+  return ctx.glob["thr"] if hp.scope == "global" else ctx.stats["thr"]
 
 
-def _zero_sign(static, ctx):
-  zero_sign, scope = static[5], static[3]
-  if zero_sign == "positive":
+def _zero_sign(hp: TiesHParams, ctx):
+  if hp.zero_sign == "positive":
     return 1.0
-  return ctx.glob["majority"] if scope == "global" else ctx.stats["majority"]
+  if hp.scope == "global":
+    return ctx.glob["majority"]
+  return ctx.stats["majority"]
 
 
-def _merged(static, tv, ctx):
+def _merged(hp: TiesHParams, tv, ctx):
   """TIES without the final scale."""
-  thr = _thresholds(static, ctx)
+  thr = _thresholds(hp, ctx)
   trimmed = tv if thr is None else trim(tv, thr)
   weights = ctx.coeffs.get("weights") if ctx.coeffs else None
   if weights is not None:  # MergeKit: elect and merge the weighted vectors
-    trimmed = _core.scale_tasks(weights, trimmed)
-  sign = elect_sign(trimmed, static[1], _zero_sign(static, ctx))
-  return disjoint_merge(trimmed, sign, static[2], weights)
+    trimmed = _protocol.scale_tasks(weights, trimmed)
+  sign = elect_sign(trimmed, hp.sign, _zero_sign(hp, ctx))
+  return disjoint_merge(trimmed, sign, hp.reduce, weights)
 
 
-def _leaf(static, tv, ctx):
-  return _core.scalar_scale(ctx, "ties") * _merged(static, tv, ctx)
+def _leaf(hp: TiesHParams, tv, ctx):
+  return _protocol.scalar_scale(ctx, "ties") * _merged(hp, tv, ctx)
 
 
 def _raw_sign(method, tv, thr):
   return raw_sign(tv if thr is None else trim(tv, thr), method)
 
 
-def prepare(static, src: _core.Source, key=None) -> _core.Stats:
+def prepare(hp: TiesHParams, src: _source.Source, key=None) -> _protocol.Stats:
   """Trim thresholds and the majority sign, over all leaves or per leaf."""
   del key
-  density, sign, _, scope, rule, zero_sign = static
+  density, scope, rule = hp.density, hp.scope, hp.topk_rule
   t = src.num_tasks
   densities = _densities(density, t)
   glob, per_leaf = {}, [dict() for _ in range(len(src))]
@@ -165,7 +178,7 @@ def prepare(static, src: _core.Source, key=None) -> _core.Stats:
       for i, n in enumerate(src.sizes):
         k = np.array([num_kept(n, d, rule) for d in densities])
         per_leaf[i]["thr"] = np.asarray(src.leaf_kth_largest(i, k))
-  if zero_sign == "majority":
+  if hp.zero_sign == "majority":
     total = 0.0
     for i in range(len(src)):
       thr = (
@@ -173,13 +186,14 @@ def prepare(static, src: _core.Source, key=None) -> _core.Stats:
           if not _trims(density)
           else (glob["thr"] if scope == "global" else per_leaf[i]["thr"])
       )
-      s = src.sum_of(_raw_sign, sign, i, thr)
+      s = src.sum_of(_raw_sign, hp.sign, i, thr)
       total += s
       per_leaf[i]["majority"] = np.float32(np.sign(s))
     glob["majority"] = np.float32(np.sign(total))
-  return _core.Stats(glob, tuple(per_leaf))
+  return _protocol.Stats(glob, tuple(per_leaf))
 
 
+@_protocol.method()
 def ties(
     density: float | Sequence[float] = 0.2,
     *,
@@ -189,7 +203,7 @@ def ties(
     topk_rule: str = "paper",
     zero_sign: str = "majority",
     weights: Sequence[float] | jax.Array | None = None,
-) -> _core.Merger:
+) -> _protocol.Merger:
   """TIES-Merging: ``θ0 + scale · disjoint_merge(elect(trim(τ)))``.
 
   1. Trim: per task, keep the ``density`` fraction of largest ``|τt|``, over
@@ -239,25 +253,26 @@ def ties(
       density, str
   ):
     density = tuple(
-        _core.check_fraction("density", d) for d in np.asarray(density).ravel()
+        _protocol.check_fraction("density", d)
+        for d in np.asarray(density).ravel()
     )
     if not density:
       raise ValueError("density must not be an empty list")
   else:
-    density = _core.check_fraction("density", density)
+    density = _protocol.check_fraction("density", density)
   if weights is not None:
     _checks.coeff("ties", "weights", weights, WEIGHTS, None)
     weights = jnp.asarray(weights, jnp.float32)
-  _core.check_choice("sign", sign, ("mass", "count"))
-  _core.check_choice("reduce", reduce, ("mean", "sum", "max"))
-  _core.check_choice("scope", scope, ("global", "per_leaf"))
-  _core.check_choice("topk_rule", topk_rule, TOPK_RULES)
-  _core.check_choice("zero_sign", zero_sign, ("majority", "positive"))
-  static = (density, sign, reduce, scope, topk_rule, zero_sign)
+  _protocol.check_choice("sign", sign, ("mass", "count"))
+  _protocol.check_choice("reduce", reduce, ("mean", "sum", "max"))
+  _protocol.check_choice("scope", scope, ("global", "per_leaf"))
+  _protocol.check_choice("topk_rule", topk_rule, TOPK_RULES)
+  _protocol.check_choice("zero_sign", zero_sign, ("majority", "positive"))
+  hp = TiesHParams(density, sign, reduce, scope, topk_rule, zero_sign)
   needs_prepare = _trims(density) or zero_sign == "majority"
-  return _core.Merger(
+  return _protocol.Merger(
       "ties",
-      static,
+      hp,
       {"weights": weights},
       _leaf,
       prepare if needs_prepare else None,

@@ -1,28 +1,28 @@
-"""Averaging and task arithmetic.
+"""Averages: the uniform average ("uniform soup") and the weighted average.
 
-References:
+Reference:
   Wortsman et al., "Model soups", 2022. https://arxiv.org/abs/2203.05482
-  Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023.
-  https://arxiv.org/abs/2212.04089
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from mtx.merging import _checks
-from mtx.merging import _core
+from mtx.merging import _protocol
 
 
 def _average_leaf(static, tv, ctx):
   del static
-  return _core.scalar_scale(ctx, "average") * _core.tmean(tv)
+  return _protocol.scalar_scale(ctx, "average") * _protocol.tmean(tv)
 
 
-def average() -> _core.Merger:
+@_protocol.method()
+def average() -> _protocol.Merger:
   """Uniform average of the models: ``θ0 + scale · mean_t τt``.
 
   With ``scale=1`` this is the plain parameter average ("uniform soup").
@@ -33,23 +33,29 @@ def average() -> _core.Merger:
   >>> mtx.merging.merge(pre, fts, "average")["w"].tolist()
   [2.0, 1.0]
   """
-  return _core.Merger("average", (), {}, _average_leaf, elementwise=True)
+  return _protocol.Merger("average", (), {}, _average_leaf, elementwise=True)
 
 
-def _weighted_leaf(static, tv, ctx):
-  (normalize,) = static
+class WeightedAverageHParams(NamedTuple):
+  """Structural hyperparameters of :func:`weighted_average`."""
+
+  normalize: bool
+
+
+def _weighted_leaf(hp: WeightedAverageHParams, tv, ctx):
   w = ctx.coeffs["weights"]
   t = len(tv)
   w = jnp.ones((t,), tv[0].dtype) if w is None else jnp.asarray(w, tv[0].dtype)
-  out = _core.tsum(_core.scale_tasks(w, tv))
-  if normalize:
+  out = _protocol.tsum(_protocol.scale_tasks(w, tv))
+  if hp.normalize:
     out = out / jnp.sum(w)
-  return _core.scalar_scale(ctx, "weighted_average") * out
+  return _protocol.scalar_scale(ctx, "weighted_average") * out
 
 
+@_protocol.method()
 def weighted_average(
     weights: Sequence[float] | jax.Array | None = None, *, normalize=True
-) -> _core.Merger:
+) -> _protocol.Merger:
   """Weighted average ``θ0 + scale · Σ wt τt / Σ wt`` (MergeKit's ``linear``).
 
   Args:
@@ -66,33 +72,11 @@ def weighted_average(
   if weights is not None:
     _checks.coeff("weighted_average", "weights", weights, spec, None)
     weights = jnp.asarray(weights, jnp.float32)
-  return _core.Merger(
+  return _protocol.Merger(
       "weighted_average",
-      (bool(normalize),),
+      WeightedAverageHParams(bool(normalize)),
       {"weights": weights},
       _weighted_leaf,
       elementwise=True,
       coeff_specs={"weights": spec},
-  )
-
-
-def _ta_leaf(static, tv, ctx):
-  del static
-  return _core.tsum(_core.scale_tasks(ctx.scale, tv))
-
-
-def task_arithmetic() -> _core.Merger:
-  """Task arithmetic: ``θ0 + Σt λt τt`` with ``scale`` λ (scalar or ``[T]``).
-
-  The paper picks one λ in {0.0, 0.05, ..., 1.0} on validation data
-  (``scale`` is traced: sweep it with ``jax.vmap``).
-
-  >>> import jax.numpy as jnp, mtx
-  >>> pre = {"w": jnp.array([1.0, 1.0])}
-  >>> fts = [{"w": jnp.array([2.0, 1.0])}, {"w": jnp.array([1.0, 3.0])}]
-  >>> mtx.merging.merge(pre, fts, "task_arithmetic", scale=0.5)["w"].tolist()
-  [1.5, 2.0]
-  """
-  return _core.Merger(
-      "task_arithmetic", (), {}, _ta_leaf, per_task_scale=True, elementwise=True
   )

@@ -1,15 +1,13 @@
-"""SVD-based merges of 2-D layers: TSV-M and ISO-C.
+"""TSV-M: Task Singular Vectors merging of 2-D layers.
 
-References:
+Reference:
   Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in
   Model Merging", CVPR 2025. https://arxiv.org/abs/2412.00081
-  Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common
-  and Task-Specific Subspaces", ICML 2025. https://arxiv.org/abs/2502.04959
 
-Both treat every 2-D leaf as a matrix and average the other leaves (biases,
-norms, convolution kernels), as the authors' code does.
+Every 2-D leaf is treated as a matrix; the other leaves (biases, norms,
+convolution kernels) are averaged, as the authors' code does.
 
-Sharding: an SVD needs the whole matrix, so on a mesh both gather each 2-D
+Sharding: an SVD needs the whole matrix, so on a mesh TSV-M gathers each 2-D
 leaf's task vectors (XLA all-gathers inside the leaf's kernel; the merged
 leaf is given back the input's sharding). The other leaves are not gathered.
 tests/multidevice_merge.py reads the compiled HLO for this.
@@ -17,10 +15,12 @@ tests/multidevice_merge.py reads the compiled HLO for this.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
-from mtx.merging import _core
+from mtx.merging import _protocol
 
 
 def polar(x: jnp.ndarray) -> jnp.ndarray:
@@ -86,9 +86,15 @@ def _tsv_combine(u, s, vt):
 _PRECOMPUTE_ENTRIES = 1 << 22
 
 
-def _task_top(static, tv):
-  task, k = static
-  return _top_triplets(tv[task], k)
+class _TaskTop(NamedTuple):
+  """Which task's top-``k`` singular triplets :func:`_task_top` computes."""
+
+  task: int
+  k: int
+
+
+def _task_top(which: _TaskTop, tv):
+  return _top_triplets(tv[which.task], which.k)
 
 
 def _tsvm_prepare(static, src, key=None):
@@ -99,13 +105,15 @@ def _tsvm_prepare(static, src, key=None):
     if len(shape) != 2 or k == 0 or src.sizes[i] < _PRECOMPUTE_ENTRIES:
       per_leaf.append(None)
       continue
-    parts = [src.run(_task_top, (j, k), i) for j in range(src.num_tasks)]
+    parts = [
+        src.run(_task_top, _TaskTop(j, k), i) for j in range(src.num_tasks)
+    ]
     per_leaf.append(
         tuple(
             jnp.concatenate(p, axis=a) for p, a in zip(zip(*parts), (1, 0, 0))
         )
     )
-  return _core.Stats(None, tuple(per_leaf))
+  return _protocol.Stats(None, tuple(per_leaf))
 
 
 def _tsvm_leaf(static, tv, ctx):
@@ -115,38 +123,16 @@ def _tsvm_leaf(static, tv, ctx):
   elif tv[0].ndim == 2:
     out = tsv_merge_matrix(tv)
   else:
-    out = _core.tmean(tv)
-  return _core.scalar_scale(ctx, "tsvm") * out
+    out = _protocol.tmean(tv)
+  return _protocol.scalar_scale(ctx, "tsvm") * out
 
 
-def tsvm() -> _core.Merger:
+@_protocol.method()
+def tsvm() -> _protocol.Merger:
   """TSV-M: ``θ0 + scale · TSV(τ1..τT)`` (``scale`` α, 1.0 in FusionBench;
   the authors pick it on validation from {0.1, ..., 3.0}).
 
   With one task it returns that task's vector unchanged. On a mesh it
   gathers each 2-D leaf (see the module docstring).
   """
-  return _core.Merger("tsvm", (), {}, _tsvm_leaf, _tsvm_prepare)
-
-
-def iso_matrix(tv) -> jnp.ndarray:
-  """ISO-C of one layer: ``mean(S)·U Vᵀ`` for ``U S Vᵀ = Σt τt``."""
-  u, s, vt = jnp.linalg.svd(_core.tsum(tv), full_matrices=False)
-  return jnp.mean(s) * (u @ vt)
-
-
-def _iso_leaf(static, tv, ctx):
-  del static
-  out = iso_matrix(tv) if tv[0].ndim == 2 else _core.tmean(tv)
-  return _core.scalar_scale(ctx, "iso_c") * out
-
-
-def iso_c() -> _core.Merger:
-  """ISO-C: flatten the spectrum of ``Σt τt`` to its mean, per 2-D layer.
-
-  The mean runs over all ``min(m, n)`` singular values; non-matrix leaves
-  get the mean task vector. ``scale`` α (the authors tune it on
-  {0.1, ..., 3.0}; FusionBench's default 1.0). On a mesh it gathers each
-  2-D leaf (see the module docstring).
-  """
-  return _core.Merger("iso_c", (), {}, _iso_leaf)
+  return _protocol.Merger("tsvm", (), {}, _tsvm_leaf, _tsvm_prepare)
