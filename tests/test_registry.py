@@ -1,6 +1,8 @@
 """Properties every registered merging method must have, and input checks."""
 
 import os
+import pathlib
+import re
 import subprocess
 import sys
 
@@ -616,3 +618,103 @@ def test_merger_name_is_the_registry_name(name, pre):
   fts = _finetuned(pre, _n(name))
   hp = {"then": "ties"} if name == "dare" else {}
   assert mtx.merging.get(name, **hp, **_hparams(name, fts)).name == name
+
+
+# What each method merges, stated by hand (min, max; None: no limit).
+TASK_LIMITS = {
+    "average": (1, None),
+    "weighted_average": (1, None),
+    "task_arithmetic": (1, None),
+    "ties": (1, None),
+    "dare": (1, None),
+    "breadcrumbs": (1, None),
+    "consensus": (1, None),
+    "pcb": (1, None),
+    "lines": (1, None),
+    "model_stock": (2, None),
+    "slerp": (2, 2),
+    "fisher": (1, None),
+    "regmean": (1, None),
+    "compeft": (1, None),
+    "tsvm": (1, None),
+    "iso_c": (1, None),
+}
+
+
+def test_task_limits_cover_every_method():
+  assert set(TASK_LIMITS) == set(mtx.merging.METHODS)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_task_limits_without_building_the_method(name, pre):
+  # Read from the registry entry (no data: fisher and regmean need none
+  # here), and equal to what the built Merger enforces.
+  assert mtx.merging.task_limits(name) == TASK_LIMITS[name]
+  factory = mtx.merging.METHODS[name]
+  assert (factory.min_tasks, factory.max_tasks) == TASK_LIMITS[name]
+  merger = mtx.merging.get(name, **_hparams(name, _finetuned(pre, _n(name))))
+  assert (merger.min_tasks, merger.max_tasks) == TASK_LIMITS[name]
+
+
+def test_task_limits_of_a_wrapper_follow_its_base():
+  assert mtx.merging.task_limits("dare", then="slerp") == (2, 2)
+  assert mtx.merging.task_limits("lines", base="model_stock") == (2, None)
+  assert mtx.merging.task_limits("lines", base="dare", then="slerp") == (2, 2)
+  built = mtx.merging.get("dare", then="slerp")
+  assert (built.min_tasks, built.max_tasks) == (2, 2)
+  with pytest.raises(ValueError, match="unknown merging method"):
+    mtx.merging.task_limits("nope")
+
+
+def test_wrappers_take_a_base_by_name_or_built():
+  by_name = mtx.merging.get("dare", then="ties", density=0.5, drop_rate=0.1)
+  built = mtx.merging.get(
+      "dare", then=mtx.merging.get("ties", density=0.5), drop_rate=0.1
+  )
+  assert by_name == built
+  assert by_name.static.base.name == "ties"
+  assert by_name.static.base.static.density == 0.5
+  # Consensus over TIES defaults to the authors' disjoint sum.
+  c = mtx.merging.get("consensus", base="ties", density=0.3)
+  assert c.static.base.static.reduce == "sum"
+  assert c.static.base.static.density == 0.3
+  assert mtx.merging.get("consensus").static.base is None
+  lines = mtx.merging.get("lines", base="ties", density=1.0, alpha=1.0)
+  assert lines.static.base.name == "ties"
+  with pytest.raises(ValueError, match="would drop twice"):
+    mtx.merging.get("dare", then="dare")
+  with pytest.raises(ValueError, match="cannot wrap itself"):
+    mtx.merging.get("lines", base="lines")
+  with pytest.raises(ValueError, match="base must be one of"):
+    mtx.merging.get("consensus", base="slerp")
+  with pytest.raises(ValueError, match="unknown merging method"):
+    mtx.merging.get("dare", then="nope")
+  with pytest.raises(ValueError, match="unknown hyperparameter"):
+    mtx.merging.get("lines", base="task_arithmetic", nonsense=1)
+  with pytest.raises(ValueError, match="unknown hyperparameter"):
+    mtx.merging.get("dare", then=mtx.merging.get("ties"), density=0.5)
+
+
+def test_structural_hyperparameters_are_named():
+  ties = mtx.merging.get("ties", density=0.4, scope="per_leaf")
+  assert ties.static.scope == "per_leaf" and ties.static.density == 0.4
+  assert ties.static._fields == (
+      "density",
+      "sign",
+      "reduce",
+      "scope",
+      "topk_rule",
+      "zero_sign",
+  )
+  assert mtx.merging.get("slerp", space="task_vectors").static.space == (
+      "task_vectors"
+  )
+  assert mtx.merging.get("dare", drop_rate=0.2).static.drop_rate == 0.2
+
+
+def test_no_method_reads_its_hyperparameters_by_position():
+  root = pathlib.Path(mtx.merging.__file__).parent
+  for path in sorted(root.glob("*.py")):
+    text = path.read_text()
+    assert "static[" not in text, path.name
+    assert re.search(r"^\s*[\w, ]+ = static\s*$", text, re.M) is None, path.name
