@@ -80,9 +80,15 @@ def _into(fn, fstatic, tfn, tstatic, buf, pre, fts, tkey, tdata, extra):
   return jax.lax.dynamic_update_slice(buf, vals.ravel().astype(buf.dtype), (0,))
 
 
-def _one(static, tv, *extra):
-  fn, fstatic = static
-  return (fn(fstatic, tv, *extra),)
+class _Call(NamedTuple):
+  """A function with its static argument (both hashable)."""
+
+  fn: Callable[..., Any]
+  fstatic: Any
+
+
+def _one(call: _Call, tv, *extra):
+  return (call.fn(call.fstatic, tv, *extra),)
 
 
 def _identity(static, tv):
@@ -109,16 +115,26 @@ class _LazyTasks(Sequence):
     return self._get(j % self._n)
 
 
-def _values_of(static, tv, *extra):
+class _Values(NamedTuple):
+  """What :func:`_values_of` computes: ``fn(fstatic, tv, *extra)``, its
+  ``abs`` if ``absolute``, every ``stride``-th entry, task ``task`` only."""
+
+  fn: Callable[..., Any]
+  fstatic: Any
+  absolute: bool
+  stride: int | None
+  task: int | None
+
+
+def _values_of(v: _Values, tv, *extra):
   """``fn(fstatic, tv, *extra)``, optionally ``abs``-ed, strided, one task."""
-  fn, fstatic, absolute, stride, task = static
-  out = fn(fstatic, tv, *extra)
-  if task is not None:
-    out = (out[task],)
-  if absolute:
+  out = v.fn(v.fstatic, tv, *extra)
+  if v.task is not None:
+    out = (out[v.task],)
+  if v.absolute:
     out = tuple(jnp.abs(x) for x in out)
-  if stride is not None:  # fused: only the sampled entries are computed
-    out = tuple(x.ravel()[::stride] for x in out)
+  if v.stride is not None:  # fused: only the sampled entries are computed
+    out = tuple(x.ravel()[:: v.stride] for x in out)
   return out
 
 
@@ -249,13 +265,17 @@ class Source:
       fn = _identity
     if self._part_size(i, part) < _LAZY_ENTRIES:
       return self._run(
-          _values_of, (fn, fstatic, absolute, None, None), i, part, *extra
+          _values_of,
+          _Values(fn, fstatic, absolute, None, None),
+          i,
+          part,
+          *extra,
       )
     # A large leaf: one task at a time, so only one task's values are alive.
     return _LazyTasks(
         self.num_tasks,
         lambda j: self._run(
-            _values_of, (fn, fstatic, absolute, None, j), i, part, *extra
+            _values_of, _Values(fn, fstatic, absolute, None, j), i, part, *extra
         )[0],
     )
 
@@ -268,7 +288,7 @@ class Source:
     return _LazyTasks(
         self.num_tasks,
         lambda j: self._stream(
-            i, (fn, fstatic, absolute, None, j), extra, part
+            i, _Values(fn, fstatic, absolute, None, j), extra, part
         ),
     )
 
@@ -278,7 +298,11 @@ class Source:
     if fn is None:
       fn = _identity
     return self._run(
-        _values_of, (fn, fstatic, absolute, stride, None), i, part, *extra
+        _values_of,
+        _Values(fn, fstatic, absolute, stride, None),
+        i,
+        part,
+        *extra,
     )
 
   def _select(self, units, k, absolute, fn, fstatic, extra):
@@ -335,7 +359,9 @@ class Source:
       return float(jnp.sum(self.run(fn, fstatic, i, *extra), dtype=acc_dtype()))
     total = 0.0
     for q in self._parts(i):
-      view = self._stream(i, (_one, (fn, fstatic), False, None, None), extra, q)
+      view = self._stream(
+          i, _Values(_one, _Call(fn, fstatic), False, None, None), extra, q
+      )
       total += float(np.sum(view, dtype=np.float64))
     return total
 
