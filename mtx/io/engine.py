@@ -303,7 +303,7 @@ def merge_tensors(
 
 # Leaves larger than twice this many entries are read in row ranges of about
 # this many entries where the result cannot depend on it (see
-# mtx.merging._core.prepare_leaves).
+# mtx.merging.prepare_leaves).
 PART_ENTRIES = 1 << 22
 
 
