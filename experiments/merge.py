@@ -26,7 +26,8 @@ The merge streams tensor by tensor from the files (see
 mtx.io.streaming): memory holds a few tensors times T, not the models, and the
 output equals mtx.merging.merge on the loaded models. Outputs are written
 atomically (a temporary folder renamed into place); an existing --out is
-replaced only with --overwrite. Bad inputs end the run with a one-line error
+replaced only with --overwrite, and only when it is an earlier output of this
+binary. Bad inputs end the run with a one-line error
 naming the file and tensor, and a non-zero exit status.
 
 This is a tool like MergeKit's ``mergekit-yaml``, not an experiment: it takes
@@ -115,7 +116,10 @@ _HASH_SOURCES = flags.DEFINE_bool(
     " in the output's metadata (reads each input once more).",
 )
 _OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False, "Replace an existing --out (once the new one is done)."
+    "overwrite",
+    False,
+    "Replace an existing --out (once the new one is done); only an earlier"
+    " output of this binary is replaced, never another file or folder.",
 )
 _DTYPE = flags.DEFINE_string(
     "dtype", None, "Output dtype of floating tensors (e.g. bfloat16)."
@@ -294,6 +298,8 @@ def run(argv: Sequence[str]) -> list[str]:
       )
   if atomic.occupied(out) and not _OVERWRITE.value:
     raise FileExistsError(f"--out={out} exists; pass --overwrite to replace it")
+  if atomic.occupied(out):
+    merge_lib.check_replaceable(out)
   if atomic.reclaim(out):
     logging.warning("reclaimed what interrupted runs left beside %s", out)
   t0 = time.time()

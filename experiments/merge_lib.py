@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import inspect
 import json
 import math
+import os
 import re
 from typing import Any
 
@@ -74,7 +75,15 @@ def parse_hparams(items: Sequence[str]) -> dict[str, Any]:
       raise ValueError(f"--hparam {item!r} must look like key=value")
     if k in out:
       raise ValueError(f"--hparam {k} is given twice")
-    out[k] = parse_value(v)
+    try:
+      out[k] = parse_value(v)
+    except (RecursionError, ValueError) as e:
+      # JSON nested past the recursion limit, integers of more than 4300
+      # digits: name the flag, not the parser's internals.
+      shown = v if len(v) <= 40 else v[:40] + "..."
+      raise ValueError(
+          f"--hparam {k}: cannot parse {shown!r} ({type(e).__name__})"
+      ) from None
     _check_finite("--hparam", k, out[k])
   return out
 
@@ -98,6 +107,60 @@ def parse_scales(items: Sequence[str]) -> list[float]:
       raise ValueError(f"--scales: {s!r} is not finite in float32")
     out.append(v)
   return out
+
+
+def _is_output(path: str) -> bool:
+  """Whether folder ``path`` holds one checkpoint this binary wrote (its
+  safetensors index or orbax metadata records ``mtx_merge``)."""
+  index = os.path.join(path, "model.safetensors.index.json")
+  if os.path.isfile(index):
+    try:
+      with open(index, encoding="utf-8") as f:
+        meta = json.load(f).get("metadata")
+    except (OSError, ValueError, AttributeError, RecursionError):
+      return False
+    return isinstance(meta, dict) and "mtx_merge" in meta
+  from mtx import checkpoint  # pylint: disable=g-import-not-at-top
+
+  if not checkpoint.is_checkpoint(path):
+    return False
+  try:
+    meta = checkpoint.read_metadata(path, verify=False)
+  except Exception:  # pylint: disable=broad-except
+    return False
+  return "mtx_merge" in meta
+
+
+def check_replaceable(out: str) -> None:
+  """Raises ``ValueError`` unless ``--overwrite`` may replace ``out``: an
+  empty folder, or the output of an earlier merge (one checkpoint, or a
+  sweep: folders that each are one). A file, a symlink, or a folder holding
+  anything else is never deleted, whatever ``--overwrite`` says.
+
+  >>> import tempfile
+  >>> check_replaceable(tempfile.mkdtemp())  # empty: fine
+  """
+  if not os.path.lexists(out):
+    return
+  why = None
+  if os.path.islink(out):
+    why = "is a symlink"
+  elif not os.path.isdir(out):
+    why = "is not a folder"
+  else:
+    names = [n for n in os.listdir(out) if not n.startswith(".")]
+    if names and not _is_output(out):
+      subs = [os.path.join(out, n) for n in names]
+      if not all(os.path.isdir(p) and _is_output(p) for p in subs):
+        why = (
+            "is not the output of an earlier merge (no mtx_merge record in"
+            " its safetensors index or orbax metadata)"
+        )
+  if why is not None:
+    raise ValueError(
+        f"--out={out} {why}, so --overwrite will not replace it; remove it "
+        "yourself or choose another --out"
+    )
 
 
 def parse_mesh(text: str) -> tuple[tuple[int, ...], tuple[str, ...]]:
