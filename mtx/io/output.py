@@ -132,6 +132,13 @@ def copy_side_files(src: PathLike, dst: PathLike, dtype: Any = None) -> None:
           _log.info("not copied: %s holds weights that are not merged", full)
         continue
       if not rel and os.path.getsize(full) > _MAX_COPY_BYTES:
+        _log.warning(
+            "not copied: %s is %d bytes, over the %d-byte limit for side "
+            "files; copy it by hand if the model needs it",
+            full,
+            os.path.getsize(full),
+            _MAX_COPY_BYTES,
+        )
         continue
       if os.path.islink(full) and not _link_allowed(full, root):
         _log.warning(
@@ -149,9 +156,21 @@ def copy_side_files(src: PathLike, dst: PathLike, dtype: Any = None) -> None:
       shutil.copyfile(full, target)
 
 
+def _read_config(full: str) -> Any:
+  """``config.json``'s content; ``ValueError`` naming it when it is not
+  JSON (its dtype cannot be updated)."""
+  try:
+    with open(full, encoding="utf-8") as f:
+      return json.load(f)
+  except (ValueError, RecursionError) as e:
+    raise ValueError(
+        f"{full}: not valid JSON ({type(e).__name__}: {e}), so the output "
+        "dtype cannot be recorded in it; fix it or leave out the dtype"
+    ) from None
+
+
 def _write_config(full: str, target: str, dtype: Any) -> bool:
-  with open(full, encoding="utf-8") as f:
-    cfg = json.load(f)
+  cfg = _read_config(full)
   if not isinstance(cfg, dict):
     return False
   for k in ("torch_dtype", "dtype"):
@@ -246,6 +265,11 @@ def merge_checkpoints(
       raise ValueError(f"subdirs must be distinct folder names: {subdirs}")
   pre = open_model(pretrained, verify=verify)
   fts = [open_model(f, verify=verify) for f in finetuned]
+  side = copy_files and output_format == "safetensors"
+  if side and pre.format == "safetensors" and kwargs.get("dtype"):
+    base = pre.path if os.path.isdir(pre.path) else os.path.dirname(pre.path)
+    if os.path.isfile(os.path.join(base, "config.json")):
+      _read_config(os.path.join(base, "config.json"))  # before any work
   stream = merge_tensors(pre, fts, plan, **kwargs)  # checks, statistics
   num_out = len(subdirs) if subdirs is not None else 1
   first = next(stream, None)
