@@ -206,7 +206,8 @@ def disentanglement_error(
     *,
     linearized: bool = False,
     apply_fn2: Callable[[PyTree, jax.Array], jax.Array] | None = None,
-) -> np.ndarray:
+    per_example: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
   """Weight disentanglement error ξ(α1, α2) on a grid.
 
   ``ξ(α1, α2) = Σ_t mean_{x ∈ D_t} 1[pred(θ0 + αt τt; x) ≠
@@ -216,8 +217,16 @@ def disentanglement_error(
   With task-specific heads (CLIP's zero-shot heads), pass the model with
   task 1's head as ``apply_fn`` and with task 2's head as ``apply_fn2``.
 
+  Args:
+    per_example: return the terms of the sum instead, one per example (for
+      paired statistics and standard errors over the examples).
+
   Returns:
-    ``[len(alphas1), len(alphas2)]`` numpy array, for plotting.
+    ``[len(alphas1), len(alphas2)]`` numpy array, for plotting; with
+    ``per_example``, the pair ``(e1, e2)`` of boolean arrays
+    ``[len(alphas1), len(alphas2), len(x1)]`` and ``[..., len(x2)]``
+    (whether each example of ``x1`` / ``x2`` changes its prediction), so
+    that ξ is ``e1.mean(-1) + e2.mean(-1)``.
   """
 
   def model(fn):
@@ -235,15 +244,20 @@ def disentanglement_error(
   @jax.jit
   def grid(a1s, a2s):
     def one(a1, a2):
-      e1 = jnp.mean(pred(f1, a1, 0.0, x1) != pred(f1, a1, a2, x1))
-      e2 = jnp.mean(pred(f2, 0.0, a2, x2) != pred(f2, a1, a2, x2))
-      return e1 + e2
+      e1 = pred(f1, a1, 0.0, x1) != pred(f1, a1, a2, x1)
+      e2 = pred(f2, 0.0, a2, x2) != pred(f2, a1, a2, x2)
+      if per_example:
+        return e1, e2
+      return jnp.mean(e1) + jnp.mean(e2)
 
     return jax.vmap(lambda a1: jax.vmap(lambda a2: one(a1, a2))(a2s))(a1s)
 
-  return np.asarray(
-      grid(jnp.asarray(alphas1, jnp.float32), jnp.asarray(alphas2, jnp.float32))
+  out = grid(
+      jnp.asarray(alphas1, jnp.float32), jnp.asarray(alphas2, jnp.float32)
   )
+  if per_example:
+    return np.asarray(out[0]), np.asarray(out[1])
+  return np.asarray(out)
 
 
 def nonlinear_advantage(

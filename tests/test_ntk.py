@@ -1,5 +1,6 @@
 """mtx.ntk: linearisation, empirical NTK, kernel regression, disentanglement."""
 
+import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -234,3 +235,48 @@ def test_empirical_ntk_of_a_tiny_vit_equals_explicit_jacobian():
   for method in ("jacobian", "products"):
     got = ntk.ntk(clf.apply, p, x, x2, method=method)
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+
+
+def test_disentanglement_error_per_example_terms(setup):
+  """``per_example=True`` gives the terms of ξ, one per example: their
+  means are the grid, and each is the hand-computed prediction change (the
+  suite's paired statistics read them)."""
+  p0, _, x = setup
+  tv1 = jax.tree.map(
+      lambda v: 0.8 * jax.random.normal(jax.random.key(7), v.shape), p0
+  )
+  tv2 = jax.tree.map(
+      lambda v: 0.8 * jax.random.normal(jax.random.key(8), v.shape), p0
+  )
+  x2 = jnp.concatenate([x + 1, x - 1])  # a different size from x
+  a1s, a2s = [0.0, 0.5, 1.0], [0.0, 1.0]
+  mlp2 = lambda p, xx: -mlp(p, xx)[:, ::-1]
+
+  def pred(f, p, xx):
+    return np.argmax(f(p, xx), -1)
+
+  for linearized in (False, True):
+    kw = dict(linearized=linearized, apply_fn2=mlp2)
+    xi = ntk.disentanglement_error(mlp, p0, tv1, tv2, x, x2, a1s, a2s, **kw)
+    e1, e2 = ntk.disentanglement_error(
+        mlp, p0, tv1, tv2, x, x2, a1s, a2s, per_example=True, **kw
+    )
+    assert e1.shape == (3, 2, len(x)) and e2.shape == (3, 2, len(x2))
+    assert e1.dtype == bool and e2.dtype == bool
+    np.testing.assert_allclose(e1.mean(-1) + e2.mean(-1), xi, rtol=1e-6)
+    f1, f2 = mlp, mlp2
+    if linearized:
+      f1 = functools.partial(ntk.linearize(mlp), p0)
+      f2 = functools.partial(ntk.linearize(mlp2), p0)
+    for i, a1 in enumerate(a1s):
+      for j, a2 in enumerate(a2s):
+        both = mtx.tree.add_scale(mtx.tree.add_scale(p0, a1, tv1), a2, tv2)
+        only1 = mtx.tree.add_scale(p0, a1, tv1)
+        only2 = mtx.tree.add_scale(p0, a2, tv2)
+        np.testing.assert_array_equal(
+            e1[i, j], pred(f1, only1, x) != pred(f1, both, x)
+        )
+        np.testing.assert_array_equal(
+            e2[i, j], pred(f2, only2, x2) != pred(f2, both, x2)
+        )
+  assert e1[0, 0].sum() == 0 and e2[0, 0].sum() == 0

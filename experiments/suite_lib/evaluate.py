@@ -193,38 +193,6 @@ def cap(ds: data_lib.Dataset, n: int | None) -> data_lib.Dataset:
   return tasks_lib.subsample(ds, n or None, seed=0) if n else ds
 
 
-def disentanglement_per_example(
-    apply_fn1, apply_fn2, params0, tv1, tv2, x1, x2, alphas, *, linearized
-) -> tuple[np.ndarray, np.ndarray]:
-  """Per-example disagreement of ``θ0 + α1 τ1 + α2 τ2`` with the single-task
-  model, ``[A, A, n1]`` (task 1) and ``[A, A, n2]`` (task 2): the terms of
-  :func:`mtx.ntk.disentanglement_error`, whose grid is
-  ``e1.mean(-1) + e2.mean(-1)``."""
-
-  def model(fn):
-    if linearized:
-      return ntk.linearize(fn)
-    return lambda p0, p, x: fn(p, x)
-
-  f1, f2 = model(apply_fn1), model(apply_fn2)
-
-  def pred(f, a1, a2, x):
-    p = mtree.add_scale(mtree.add_scale(params0, a1, tv1), a2, tv2)
-    return jnp.argmax(f(params0, p, x), axis=-1)
-
-  @jax.jit
-  def grid(al):
-    def one(a1, a2):
-      e1 = pred(f1, a1, 0.0, x1) != pred(f1, a1, a2, x1)
-      e2 = pred(f2, 0.0, a2, x2) != pred(f2, a1, a2, x2)
-      return e1, e2
-
-    return jax.vmap(lambda a1: jax.vmap(lambda a2: one(a1, a2))(al))(al)
-
-  e1, e2 = grid(jnp.asarray(alphas, jnp.float32))
-  return np.asarray(e1), np.asarray(e2)
-
-
 def _fisher_loss(features):
   def loss(p, example, p0, head):
     x, y = example
@@ -458,16 +426,18 @@ class ModeEval:
       head = self.heads[name]
       return lambda p, x: models.heads.apply(head, self.encoder.apply(p, x))
 
-    e1, e2 = disentanglement_per_example(
+    e1, e2 = ntk.disentanglement_error(
         with_head(a),
-        with_head(b),
         self.params0,
         self.tvs[ia],
         self.tvs[ib],
         xa,
         xb,
         alphas,
+        alphas,
         linearized=self.lin,
+        apply_fn2=with_head(b),
+        per_example=True,
     )
     grid = e1.mean(-1) + e2.mean(-1)
     u1, u2 = e1.mean((0, 1)), e2.mean((0, 1))
