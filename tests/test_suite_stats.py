@@ -232,3 +232,45 @@ def test_recorded_stage_times_survive_cache_reads(tmp_path):
   )
   assert "- finetune: 84.0 (cached; read in" in md
   assert "- evaluate: 43.5\n" in md
+
+
+def test_total_time_adds_up_when_stages_are_read_from_the_cache(tmp_path):
+  """A rerun that read every stage from the cache used to report the
+  stages' recorded times next to a total of this run's few seconds."""
+  d = tmp_path / "unit"
+  cache.stage_begin(d, "fp")
+  cache.stage_end(d, "fp", seconds=42.0)
+  timer = cache.Timer(lambda _: None)
+  with timer.start("data", 1, 3):
+    pass
+  with timer.start("finetune", 2, 3) as clock:
+    clock.reused(d)
+  seconds, wall, cached = timer.with_totals()
+  assert seconds["total"] >= 42.0 + seconds["data"]
+  assert seconds["total"] == pytest.approx(
+      sum(v for k, v in seconds.items() if k != "total")
+      + wall["total"]
+      - sum(v for k, v in wall.items() if k != "total")
+  )
+  assert wall["total"] < 42.0 and cached["total"]
+  md = report.markdown(
+      {
+          "suite": "x",
+          "tasks": ["a"],
+          "modes": {},
+          "timing_s": seconds,
+          "wall_s": wall,
+          "cached": cached,
+      }
+  )
+  line = next(x for x in md.splitlines() if x.startswith("- total:"))
+  assert line.startswith(f"- total: {seconds['total']:.1f} (as computed;")
+  assert f"this run took {wall['total']:.1f})" in line
+  # Nothing cached: the total is this run's time, without a note.
+  timer = cache.Timer(lambda _: None)
+  with timer.start("data", 1, 1):
+    pass
+  seconds, wall, cached = timer.with_totals()
+  assert (
+      seconds["total"] == pytest.approx(wall["total"]) and not cached["total"]
+  )

@@ -133,13 +133,13 @@ def run(config, workdir: str | os.PathLike, *, log: Log = logging.info) -> dict:
     results["plots"] = [
         os.path.basename(f) for f in report.plots(results, work)
     ]
+  seconds, wall, cached = timer.with_totals()
   results["timing_s"] = {
-      **timer.seconds,
-      "total": time.time() - timer.t0,
+      **seconds,
       "runs (as recorded when trained)": stage_seconds,
   }
-  results["wall_s"] = timer.wall
-  results["cached"] = timer.cached
+  results["wall_s"] = wall
+  results["cached"] = cached
   (work / "results.md").write_text(report.markdown(results))
   cache.write_json(work / "results.json", results)
   log(f"[suite] done in {time.time() - timer.t0:.0f}s; results in {work}")

@@ -192,6 +192,19 @@ class Timer:
     self.log(f"[stage {index}/{total}: {name}] {what}".rstrip())
     return StageClock(self, name)
 
+  def with_totals(self) -> tuple[dict, dict, dict]:
+    """``(seconds, wall, cached)`` with a ``"total"`` entry each: the total
+    as computed is the sum of the stages' computed times (plus the time
+    spent between stages), so it adds up when stages were read from the
+    cache; ``wall["total"]`` is this run's time; ``cached["total"]`` says
+    whether any stage was read from the cache."""
+    wall_total = time.time() - self.t0
+    between = max(wall_total - sum(self.wall.values()), 0.0)
+    seconds = {**self.seconds, "total": sum(self.seconds.values()) + between}
+    wall = {**self.wall, "total": wall_total}
+    cached = {**self.cached, "total": any(self.cached.values())}
+    return seconds, wall, cached
+
 
 class StageClock:
   """One stage's clock; units report :meth:`computed` / :meth:`reused`."""

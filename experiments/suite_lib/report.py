@@ -129,6 +129,8 @@ def markdown(results: dict) -> str:
         note = ""
         if results.get("cached", {}).get(k):
           note = f" (cached; read in {wall.get(k, 0.0):.1f})"
+          if k == "total":
+            note = f" (as computed; this run took {wall.get(k, 0.0):.1f})"
         lines.append(f"- {k}: {v:.1f}{note}")
     lines.append("")
   return "\n".join(lines)
