@@ -207,3 +207,47 @@ def test_suite_reads_fashion_from_data_dir(tmp_path, monkeypatch):
   monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "mine"))
   out, skipped = tasks.load_suite(names, image_size=8)
   assert list(out) == names and not skipped
+
+
+def test_load_suite_says_where_idx_data_came_from(tmp_path, monkeypatch):
+  """MTX_DATA_DIR (or data_dir) pointing at a folder without the files used
+  to fall back to the packaged location without a word."""
+  from mtx.data import tasks  # pylint: disable=g-import-not-at-top
+
+  packaged = tmp_path / "packaged"
+  _fake_fashion(packaged, n_train=100, n_test=50)
+  monkeypatch.setitem(
+      data.IDX_LOCATIONS, "fashion_mnist", (str(packaged), "install it")
+  )
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  names = ["digits", "fashion_footwear"]
+
+  def lines_for(**kw):
+    lines = []
+    tasks.load_suite(names, image_size=8, log=lines.append, **kw)
+    return [x for x in lines if x.startswith("fashion_mnist read from")]
+
+  monkeypatch.setenv(data.DATA_DIR_ENV, str(empty))
+  (line,) = lines_for()
+  assert line.startswith(f"fashion_mnist read from {packaged}")
+  assert f"FALLBACK: no fashion_mnist IDX files in $MTX_DATA_DIR={empty}" in (
+      line
+  )
+  (line,) = lines_for(data_dir=empty)
+  assert f"data_dir={empty}, $MTX_DATA_DIR={empty}" in line
+  # Found where the user pointed: no fallback named.
+  mine = tmp_path / "mine"
+  _fake_fashion(mine / "fashion-mnist", n_train=100, n_test=50)
+  monkeypatch.setenv(data.DATA_DIR_ENV, str(mine))
+  (line,) = lines_for()
+  assert line == f"fashion_mnist read from {mine / 'fashion-mnist'}"
+  # data_dir first: an empty data_dir is named even when the env var holds
+  # the files.
+  (line,) = lines_for(data_dir=empty)
+  assert line.endswith(
+      f"(FALLBACK: no fashion_mnist IDX files in data_dir={empty})"
+  )
+  monkeypatch.delenv(data.DATA_DIR_ENV)
+  (line,) = lines_for()
+  assert line == f"fashion_mnist read from {packaged}"

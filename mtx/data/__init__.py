@@ -22,6 +22,7 @@ from mtx.data._core import augment
 from mtx.data._core import batch_indices
 from mtx.data._core import batches
 from mtx.data._core import idx_directory
+from mtx.data._core import idx_origin
 from mtx.data._core import load
 from mtx.data._core import load_digits
 from mtx.data._core import load_idx
@@ -41,6 +42,7 @@ __all__ = [
     "batch_indices",
     "batches",
     "idx_directory",
+    "idx_origin",
     "load",
     "load_digits",
     "load_idx",

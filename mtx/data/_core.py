@@ -105,6 +105,31 @@ def idx_directory(name: str, data_dir: str | os.PathLike | None = None) -> Path:
   return default
 
 
+def idx_origin(source: str, data_dir: str | os.PathLike | None) -> str:
+  """A log line: where IDX ``source`` is read from (:func:`idx_directory`),
+  naming the roots given (``data_dir``, ``$MTX_DATA_DIR``) that did not hold
+  it, a fallback the user should hear of."""
+  directory = idx_directory(source, data_dir).absolute()
+  line = f"{source} read from {directory}"
+  given = [
+      (what, root)
+      for what, root in (
+          ("data_dir", data_dir),
+          (f"${DATA_DIR_ENV}", os.environ.get(DATA_DIR_ENV)),
+      )
+      if root
+  ]
+  passed = []  # given roots, in order of precedence, that lacked the files
+  for what, root in given:
+    r = Path(root).expanduser().absolute()
+    if directory == r or r in directory.parents:
+      break
+    passed.append(f"{what}={root}")
+  if passed:
+    line += f" (FALLBACK: no {source} IDX files in {', '.join(passed)})"
+  return line
+
+
 _IDX_DTYPES = {
     0x08: np.uint8,
     0x09: np.int8,

@@ -297,7 +297,9 @@ def load_suite(
     validation: fraction of train carved out as validation.
     seed: split and subsample seed.
     tasks: task definitions (default :data:`TASKS`).
-    log: called with a line for each skipped task.
+    log: called with a line for each skipped task, and for each IDX
+      source with the folder it was read from (saying so when a given
+      ``data_dir`` or ``$MTX_DATA_DIR`` did not hold it).
     data_dir: where IDX sources are looked for first (then
       ``$MTX_DATA_DIR``, then the packaged location; see
       :func:`mtx.data.idx_directory`).
@@ -325,6 +327,8 @@ def load_suite(
       sources[t.source] = (
           why if why else _core.load(t.source, data_dir=data_dir)
       )
+      if not why and log is not None and t.source in _core.IDX_LOCATIONS:
+        log(_core.idx_origin(t.source, data_dir))
     raw = sources[t.source]
     if isinstance(raw, str):
       skipped[n] = raw
