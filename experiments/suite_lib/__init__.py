@@ -38,6 +38,7 @@ from experiments.suite_lib import data as data_stage
 from experiments.suite_lib import evaluate
 from experiments.suite_lib import report
 from experiments.suite_lib import train
+from experiments.suite_lib import validate
 
 Log = cache.Log
 
@@ -60,7 +61,15 @@ def run(config, workdir: str | os.PathLike, *, log: Log = logging.info) -> dict:
   """Runs (or resumes) the suite; returns the results written to
   ``workdir/results.json``."""
   config = normalized_config(config)
+  validate.check(
+      config,
+      cache.as_list(config.modes),
+      cache.as_list(config.methods),
+      offline=config.suite != "clip8",
+  )
   work = Path(workdir)
+  if work.exists() and not work.is_dir():
+    raise ValueError(f"--workdir={workdir} exists and is not a folder")
   work.mkdir(parents=True, exist_ok=True)
   timer = cache.Timer(log)
   with timer.start("data", 1, 5, f"suite {config.suite}"):
