@@ -69,12 +69,28 @@ def test_non_finite_scale_inside_a_prefix_tree(name):
     _merge(name, pre, _fts(pre), scale=scale)
 
 
-@pytest.mark.parametrize("value", ["0.5", None, object()])
+@pytest.mark.parametrize("value", ["0.5", None, object(), True])
 @pytest.mark.parametrize("name", ALL)
 def test_scale_of_the_wrong_type(name, value):
   pre = _pre()
   with pytest.raises(ValueError, match="scale"):
     _merge(name, pre, _fts(pre), scale=value)
+
+
+@pytest.mark.parametrize(
+    "name, hparams",
+    [
+        ("ties", {"density": True}),
+        ("breadcrumbs", {"density": np.bool_(True)}),
+        ("slerp", {"t": True}),
+        ("lines", {"alpha": False}),
+    ],
+)
+def test_bools_are_not_numbers(name, hparams):
+  # `--hparam=density=true` once merged at density 1.0.
+  pre = _pre()
+  with pytest.raises(ValueError, match="not a bool"):
+    _merge(name, pre, _fts(pre), **hparams)
 
 
 def test_traced_scale_and_coefficients_are_not_checked_concretely():

@@ -36,8 +36,8 @@ def real_array(name: str, value: Any) -> np.ndarray:
   """``value`` as a numpy array of real numbers (concrete values only).
 
   Raises:
-    ValueError: ``value`` is not numeric (a string, None, an object), is
-      complex, holds NaN or Inf, or overflows the accumulation dtype (float32,
+    ValueError: ``value`` is not numeric (a string, None, a bool, an object),
+      is complex, holds NaN or Inf, or overflows the accumulation dtype (float32,
       or float64 under x64).
   """
   if value is None or isinstance(value, str | bytes):
@@ -46,6 +46,8 @@ def real_array(name: str, value: Any) -> np.ndarray:
     a = np.asarray(value)
   except (TypeError, ValueError):
     raise ValueError(f"{name} must be a number, got {value!r}") from None
+  if a.dtype == np.bool_:
+    raise ValueError(f"{name} must be a number, not a bool: got {value!r}")
   if not is_real(a.dtype):
     raise ValueError(
         f"{name} must be a real number, got {value!r} (dtype {a.dtype})"

@@ -410,6 +410,8 @@ def broadcast_scale(scale, like: PyTree, merger: Merger, t: int) -> list:
 
 def check_fraction(name: str, value: float, *, allow_zero: bool = False):
   """Raises ``ValueError`` unless ``value`` is in (0, 1] (or [0, 1])."""
+  if isinstance(value, bool | np.bool_):
+    raise ValueError(f"{name} must be a number, not a bool: got {value!r}")
   try:
     v = float(value)
   except (TypeError, ValueError):
