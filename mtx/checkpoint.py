@@ -284,6 +284,13 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 
 def _check(path: Path) -> None:
   if not path.exists():
+    old = path.with_name(path.name + _OLD)
+    if (old / _PARAMS).is_dir() and (old / _META).exists():
+      # A save with overwrite=True was killed between its two renames.
+      raise FileNotFoundError(
+          f"no checkpoint at {path}; an interrupted save left the previous"
+          f" checkpoint at {old}: rename it back to {path.name} to use it"
+      )
     raise FileNotFoundError(f"no checkpoint at {path}")
   if not is_checkpoint(path):
     raise ValueError(

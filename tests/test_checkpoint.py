@@ -66,6 +66,28 @@ def test_crash_mid_write_leaves_nothing_valid(tmp_path, monkeypatch):
   assert not checkpoint.is_checkpoint(tmp_path / "new.partial")
 
 
+def test_killed_between_the_two_renames_points_at_the_old_checkpoint(
+    tmp_path, monkeypatch
+):
+  p = tmp_path / "c"
+  checkpoint.save(p, {"w": np.zeros(2)})
+  real_replace = os.replace
+
+  def dies_after_moving_the_old_one_aside(src, dst):
+    real_replace(src, dst)
+    if str(dst).endswith(".old"):
+      raise KeyboardInterrupt("killed")
+
+  monkeypatch.setattr(os, "replace", dies_after_moving_the_old_one_aside)
+  with pytest.raises(KeyboardInterrupt):
+    checkpoint.save(p, {"w": np.ones(2)}, overwrite=True)
+  monkeypatch.undo()
+  with pytest.raises(FileNotFoundError, match=r"c\.old: rename it back"):
+    checkpoint.restore(p)
+  os.rename(tmp_path / "c.old", p)  # what the message says to do
+  np.testing.assert_array_equal(checkpoint.restore(p)["w"], np.zeros(2))
+
+
 def test_partial_directory_is_not_a_checkpoint(tmp_path):
   (tmp_path / "c" / "params").mkdir(parents=True)
   assert not checkpoint.is_checkpoint(tmp_path / "c")
