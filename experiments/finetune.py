@@ -38,6 +38,7 @@ from ml_collections import config_flags
 if __package__ in (None, ""):  # run as a script: python experiments/X.py
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from experiments import cli
 from experiments import finetune_lib
 
 _WORKDIR = flags.DEFINE_string(
@@ -62,13 +63,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    finetune_lib.run(
-        _CONFIG.value, _WORKDIR.value, kill_at_step=_KILL_AT_STEP.value
-    )
-  except ValueError as e:  # bad input: one line, no traceback
-    raise SystemExit(f"finetune: error: {e}") from None
+  finetune_lib.run(
+      _CONFIG.value, _WORKDIR.value, kill_at_step=_KILL_AT_STEP.value
+  )
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "finetune")

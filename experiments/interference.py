@@ -35,6 +35,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from experiments import cli
 from experiments.suite_lib import interference
 
 _DEFAULT = str(Path(__file__).resolve().parent / "configs" / "suite.py")
@@ -61,13 +62,5 @@ def main(argv: Sequence[str]) -> None:
   interference.run(config, _WORKDIR.value, log=logging.info)
 
 
-def _main_one_line_errors(argv: Sequence[str]) -> None:
-  """``main``, with bad input reported as one line and exit status 1."""
-  try:
-    main(argv)
-  except (ValueError, FileNotFoundError, ImportError) as e:
-    raise SystemExit(f"interference: error: {e}") from None
-
-
 if __name__ == "__main__":
-  app.run(_main_one_line_errors)
+  cli.run(main, "interference")

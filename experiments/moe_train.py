@@ -50,6 +50,7 @@ from ml_collections import config_flags
 if __package__ in (None, ""):  # run as a script: python experiments/X.py
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from experiments import cli
 from experiments import moe_train_lib
 
 _WORKDIR = flags.DEFINE_string(
@@ -95,19 +96,16 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _NUM_PROCESSES.value > 1 and not _COORDINATOR.value:
     raise app.UsageError("--num_processes > 1 needs --coordinator=host:port")
-  try:
-    moe_train_lib.init_distributed(
-        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
-    )
-    moe_train_lib.run(
-        _CONFIG.value,
-        _WORKDIR.value,
-        mesh_spec=_MESH.value,
-        kill_at_step=_KILL_AT_STEP.value,
-    )
-  except ValueError as e:  # bad input: one line, no traceback
-    raise SystemExit(f"moe_train: error: {e}") from None
+  moe_train_lib.init_distributed(
+      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+  )
+  moe_train_lib.run(
+      _CONFIG.value,
+      _WORKDIR.value,
+      mesh_spec=_MESH.value,
+      kill_at_step=_KILL_AT_STEP.value,
+  )
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "moe_train")

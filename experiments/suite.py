@@ -54,6 +54,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from experiments import cli
 from experiments import suite_lib
 
 _DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "suite.py")
@@ -81,37 +82,5 @@ def main(argv: Sequence[str]) -> None:
   suite_lib.run(config, _WORKDIR.value, log=logging.info)
 
 
-def _one_line(e: BaseException) -> str:
-  return "suite: error: " + (" ".join(str(e).split()) or type(e).__name__)
-
-
-def _main_one_line_errors(argv: Sequence[str]) -> None:
-  """``main``, with bad input reported as one line and exit status 1."""
-  try:
-    main(argv)
-  except (ValueError, OSError, ImportError, app.UsageError) as e:
-    raise SystemExit(_one_line(e)) from None
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, its errors (an unknown or mistyped
-  ``--config.X``) as one line rather than a traceback or the usage."""
-  try:
-    return flags.FLAGS(argv)
-  except (AttributeError, KeyError) as e:  # ml_collections: no such field
-    name = str(e).strip("\"'")
-    given = [
-        a.split("=", 1)[0]
-        for a in argv
-        if a.startswith("--config.") and name in a.split("=", 1)[0].split(".")
-    ]
-    where = given[0] if given else "--config"
-    raise SystemExit(
-        _one_line(ValueError(f"{where}: the config has no field {name!r}"))
-    ) from None
-  except (flags.Error, TypeError, ValueError) as e:
-    raise SystemExit(_one_line(e)) from None
-
-
 if __name__ == "__main__":
-  app.run(_main_one_line_errors, flags_parser=_parse_flags)
+  cli.run(main, "suite")

@@ -46,6 +46,7 @@ from mtx import tree as mtree
 if __package__ in (None, ""):  # run as a script: python experiments/X.py
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from experiments import cli
 from experiments import finetune_lib
 from experiments.configs import finetune as finetune_config
 
@@ -224,11 +225,8 @@ def run(config, work: pathlib.Path) -> None:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    run(_CONFIG.value, pathlib.Path(_WORKDIR.value))
-  except ValueError as e:  # bad input: one line, no traceback
-    raise SystemExit(f"tangent_demo: error: {e}") from None
+  run(_CONFIG.value, pathlib.Path(_WORKDIR.value))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "tangent_demo")

@@ -71,3 +71,31 @@ def test_bad_input_is_one_line_and_nonzero_exit(name, tmp_path):
   assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith(f"{name}: error: ") and message in last, last
+
+
+_EXPERIMENTS = {
+    "finetune": f"--config={_CONFIGS / 'finetune.py'}:smoke",
+    "moe_train": f"--config={_CONFIGS / 'moe_train.py'}:smoke",
+    "tangent_demo": f"--config={_CONFIGS / 'tangent_demo.py'}:smoke",
+    "suite": f"--config={_CONFIGS / 'suite.py'}:tiny",
+    "interference": f"--config={_CONFIGS / 'suite.py'}:interference_a",
+}
+
+
+@pytest.mark.parametrize("name", sorted(_EXPERIMENTS))
+def test_unknown_config_field_is_one_line(name, tmp_path):
+  # experiments/cli.py: every experiment binary parses flags the same way.
+  proc = binaries.run(
+      name,
+      _EXPERIMENTS[name],
+      "--config.bogus=1",
+      f"--workdir={tmp_path / 'w'}",
+      as_module=True,
+  )
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr and "USAGE" not in proc.stderr
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last == (
+      f"{name}: error: --config.bogus: the config has no field 'bogus'"
+  ), proc.stderr[-2000:]
+  assert not (tmp_path / "w").exists()
