@@ -29,13 +29,13 @@ if __package__ in (None, ""):  # run as a script
 from collections.abc import Sequence
 from pathlib import Path
 
-import jax
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
 from experiments import cli
+from experiments.suite_lib import cache
 from experiments.suite_lib import interference
 
 _DEFAULT = str(Path(__file__).resolve().parent / "configs" / "suite.py")
@@ -54,11 +54,7 @@ def main(argv: Sequence[str]) -> None:
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
   config = _CONFIG.value
-  if config.compilation_cache and not jax.config.jax_compilation_cache_dir:
-    jax.config.update(
-        "jax_compilation_cache_dir", str(Path(_WORKDIR.value) / "jax_cache")
-    )
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  cache.use_compilation_cache(config, _WORKDIR.value)
   interference.run(config, _WORKDIR.value, log=logging.info)
 
 

@@ -274,3 +274,26 @@ def test_total_time_adds_up_when_stages_are_read_from_the_cache(tmp_path):
   assert (
       seconds["total"] == pytest.approx(wall["total"]) and not cached["total"]
   )
+
+
+def test_use_compilation_cache_sets_the_workdir_cache_once(tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  from experiments.suite_lib import cache  # pylint: disable=g-import-not-at-top
+
+  before = jax.config.jax_compilation_cache_dir
+  before_min = jax.config.jax_persistent_cache_min_compile_time_secs
+  try:
+    jax.config.update("jax_compilation_cache_dir", None)
+    off = ml_collections.ConfigDict({"compilation_cache": False})
+    cache.use_compilation_cache(off, tmp_path)
+    assert jax.config.jax_compilation_cache_dir is None
+    on = ml_collections.ConfigDict({"compilation_cache": True})
+    cache.use_compilation_cache(on, tmp_path)
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jax_cache")
+    cache.use_compilation_cache(on, tmp_path / "other")  # already set: kept
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jax_cache")
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before_min)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from mtx import checkpoint
@@ -32,6 +33,18 @@ SOURCE_ROOTS = (_REPO / "mtx", _REPO / "experiments")
 
 
 _CODE_HASHES: dict[tuple[str, ...], str] = {}
+
+
+def use_compilation_cache(config, workdir: str | os.PathLike) -> None:
+  """Keeps compiled XLA programs under ``<workdir>/jax_cache`` when
+  ``config.compilation_cache`` (unless a cache folder is already set), so
+  identical programs (fine-tuning runs of tasks with equal class counts,
+  reruns) compile once."""
+  if config.compilation_cache and not jax.config.jax_compilation_cache_dir:
+    jax.config.update(
+        "jax_compilation_cache_dir", str(Path(workdir) / "jax_cache")
+    )
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def _hash_sources(roots: tuple[str, ...]) -> str:
