@@ -2,33 +2,15 @@
 updated is said, by file name, and refused before the merge where it
 would make the output wrong."""
 
-import json
 import logging
 import os
 
 import numpy as np
 import pytest
 
+import merge_helpers
 from mtx.io import output
-from mtx.io import safetensors as st
 from mtx.io import streaming
-
-
-def _models(root):
-  rng = np.random.default_rng(0)
-  base = {"w": rng.standard_normal((6, 4)).astype(np.float32)}
-  paths = []
-  for name in ("base", "ft1", "ft2"):
-    d = root / name
-    d.mkdir()
-    t = {
-        k: v + rng.standard_normal(v.shape).astype(np.float32)
-        for k, v in base.items()
-    }
-    st.write(d / "model.safetensors", base if name == "base" else t)
-    (d / "config.json").write_text(json.dumps({"torch_dtype": "float32"}))
-    paths.append(str(d))
-  return paths[0], paths[1:]
 
 
 def test_corrupt_config_with_a_dtype_is_refused_before_the_merge(
@@ -36,7 +18,7 @@ def test_corrupt_config_with_a_dtype_is_refused_before_the_merge(
 ):
   """It used to fail after the merge with the JSON parser's message alone
   ("Expecting property name ..."), naming no file."""
-  pre, fts = _models(tmp_path)
+  pre, fts = merge_helpers.hf_models(tmp_path)
   (tmp_path / "base" / "config.json").write_text("{corrupt")
   merged = []
   real = output.merge_tensors
@@ -67,7 +49,7 @@ def test_a_side_file_over_the_size_limit_is_logged(
     tmp_path, monkeypatch, caplog
 ):
   """A large tokenizer.json used to be left out of the copy silently."""
-  pre, fts = _models(tmp_path)
+  pre, fts = merge_helpers.hf_models(tmp_path)
   monkeypatch.setattr(output, "_MAX_COPY_BYTES", 100)
   (tmp_path / "base" / "tokenizer.json").write_text("x" * 101)
   (tmp_path / "base" / "vocab.txt").write_text("x" * 100)

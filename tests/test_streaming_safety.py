@@ -11,11 +11,11 @@ import subprocess
 import sys
 import time
 
-from absl.testing import flagsaver
 import numpy as np
 import pytest
 
 import binaries
+import merge_helpers
 import mtx
 from mtx.io import atomic
 from mtx.io import safetensors as st
@@ -65,20 +65,6 @@ def _hashes(*paths):
   return out
 
 
-def _run(binary, **flag_values):
-  with flagsaver.flagsaver(**flag_values):
-    binary.main(["merge"])
-
-
-def _fails(binary, pattern, **flag_values):
-  with pytest.raises(SystemExit) as e:
-    _run(binary, **flag_values)
-  msg = str(e.value.code)
-  assert msg.startswith("merge: error: ") and "\n" not in msg, msg
-  assert __import__("re").search(pattern, msg), msg
-  return msg
-
-
 # -- 1. the output never overlaps an input -----------------------------------
 
 
@@ -97,7 +83,7 @@ def test_out_reached_through_a_symlink_never_deletes_the_inputs(
       (x, [str(tmp_path / "link2" / "base")]),
       (tmp_path / "link2" / "base" / "merged", [pre]),  # out inside an input
   ]:
-    msg = _fails(
+    msg = merge_helpers.fails(
         binary,
         r"--out=.* overlaps the input",
         pretrained=inputs[0],
@@ -138,7 +124,7 @@ def test_unwritable_out_is_one_line(binary, tmp_path, monkeypatch):
     raise PermissionError(13, "Permission denied", str(tmp_path))
 
   monkeypatch.setattr(atomic.tempfile, "mkdtemp", mkdtemp)
-  _fails(
+  merge_helpers.fails(
       binary,
       r"Permission denied: '.*'",
       pretrained=pre,
@@ -156,7 +142,7 @@ def test_unexpected_reader_errors_name_the_file(binary, tmp_path, monkeypatch):
     raise RecursionError("maximum recursion depth exceeded")
 
   monkeypatch.setattr(st, "open_checkpoint", boom)
-  _fails(
+  merge_helpers.fails(
       binary,
       r"base: cannot be read \(RecursionError: maximum recursion",
       pretrained=pre,
@@ -291,7 +277,7 @@ def test_killed_run_is_reclaimed_by_the_next_and_foreign_folders_kept(
   assert "payload" in os.listdir(partials[0])
   assert not out.exists()
   with caplog.at_level(logging.INFO):
-    _run(
+    merge_helpers.run(
         binary,
         pretrained=pre,
         finetuned=fts,
@@ -336,7 +322,7 @@ def test_identical_integer_buffers_pass_through(binary, tmp_path, caplog):
   pre, fts = _models(tmp_path, extra=extra)
   out = tmp_path / "out"
   with caplog.at_level(logging.INFO):
-    _run(
+    merge_helpers.run(
         binary,
         pretrained=pre,
         finetuned=fts,
@@ -371,7 +357,7 @@ def test_mergekit_config_passes_integer_buffers_and_refuses_different_ones(
       f"merge_method: task_arithmetic\nbase_model: {pre}\nmodels:\n"
       + "".join(f"  - model: {f}\n    parameters: {{weight: 1}}\n" for f in fts)
   )
-  _fails(
+  merge_helpers.fails(
       binary,
       r"ft2/model\.safetensors: tensor 'position_ids' \(int64\) is not "
       r"floating point and differs .* --exclude",
@@ -385,7 +371,7 @@ def test_mergekit_config_passes_integer_buffers_and_refuses_different_ones(
           "position_ids": ids,
       },
   )
-  _run(binary, config=str(cfg), out=str(tmp_path / "o"))
+  merge_helpers.run(binary, config=str(cfg), out=str(tmp_path / "o"))
   np.testing.assert_array_equal(st.read(tmp_path / "o")["position_ids"], ids)
 
 
@@ -426,7 +412,7 @@ def test_sentence_transformers_folder_merges_into_a_working_copy(
     )
     fts.append(str(d))
   out = tmp_path / "merged"
-  _run(
+  merge_helpers.run(
       binary,
       pretrained=base,
       finetuned=fts,
@@ -489,14 +475,16 @@ def test_flipped_byte_in_a_safetensors_input_is_refused_unless_told(
       method="task_arithmetic",
       out=str(tmp_path / "o"),
   )
-  _fails(
+  merge_helpers.fails(
       binary,
       r"ft1/model\.safetensors: tensor '.*' does not match its recorded "
       r"SHA-256",
       **flag_values,
   )
   assert not (tmp_path / "o").exists()
-  _run(binary, verify_inputs=False, **flag_values)  # opted out: merges
+  merge_helpers.run(
+      binary, verify_inputs=False, **flag_values
+  )  # opted out: merges
   assert sorted(st.read(tmp_path / "o")) == sorted(SHAPES)
 
 
@@ -522,8 +510,8 @@ def test_orbax_input_whose_data_changed_is_refused(binary, tmp_path):
       out=str(tmp_path / "o"),
       format="orbax",
   )
-  _fails(binary, r"ck1.*array 'w' does not match", **flag_values)
-  _run(binary, verify_inputs=False, **flag_values)
+  merge_helpers.fails(binary, r"ck1.*array 'w' does not match", **flag_values)
+  merge_helpers.run(binary, verify_inputs=False, **flag_values)
   np.testing.assert_array_equal(
       checkpoint.restore(tmp_path / "o")["w"], 7.0 + 2.0
   )
